@@ -1,0 +1,266 @@
+//! A decision, and the answer built from it as plain data: status, headers for the upstream,
+//! headers and body for the client, and the metadata Envoy stores for access logs.
+
+use serde_json::Value;
+
+use super::Policy;
+use super::jwt::VerifiedToken;
+use super::reason::{Denial, Reason};
+use super::route::{IssuerId, Mode, Route};
+
+/// The four outcomes a check can have; also the `decision` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// A `dry_run` route that would have denied: the request passes.
+    DryRunDeny,
+    /// Could not decide (keys never loaded): Envoy's failure mode applies.
+    Error,
+}
+
+impl Verdict {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::DryRunDeny => "dry_run_deny",
+            Verdict::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Decision<'p> {
+    pub route: Option<&'p Route>,
+    pub verdict: Verdict,
+    pub reason: Reason,
+    /// Why, for a person: set for every reason but `allowed` and `anonymous`.
+    pub description: String,
+    /// The issuer the token named, when it is a configured one.
+    pub issuer: Option<IssuerId>,
+    /// Present when the token verified (also on a route-rule deny).
+    pub token: Option<VerifiedToken>,
+    /// The client id that satisfied the route's rule.
+    pub client_id: Option<String>,
+}
+
+impl<'p> Decision<'p> {
+    pub(super) fn allow(route: Option<&'p Route>, reason: Reason) -> Self {
+        Decision {
+            route,
+            verdict: Verdict::Allow,
+            reason,
+            description: String::new(),
+            issuer: None,
+            token: None,
+            client_id: None,
+        }
+    }
+
+    /// A denial, turned into an error for `keys_unavailable` and into a pass on a dry-run route.
+    pub(super) fn deny(route: Option<&'p Route>, denial: Denial) -> Self {
+        let verdict = match (denial.reason, route.map(|r| r.mode)) {
+            (Reason::KeysUnavailable, _) => Verdict::Error,
+            (_, Some(Mode::DryRun)) => Verdict::DryRunDeny,
+            _ => Verdict::Deny,
+        };
+        Decision {
+            route,
+            verdict,
+            reason: denial.reason,
+            description: denial.description,
+            issuer: None,
+            token: None,
+            client_id: None,
+        }
+    }
+
+    pub fn route_name(&self) -> &'p str {
+        self.route.map_or("-", |r| r.name.as_str())
+    }
+
+    pub fn subject(&self) -> Option<&str> {
+        self.token.as_ref().and_then(|t| t.claims().sub.as_deref())
+    }
+}
+
+/// Where a claim header's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimValue {
+    /// `$client_id`: the client id that satisfied the route's rule.
+    ClientId,
+    /// `$payload`: base64url of the verified payload JSON.
+    Payload,
+    /// A claim, by dotted path (`realm_access.roles`).
+    Claim(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ClaimHeader {
+    /// Lower-case header name.
+    pub name: String,
+    pub value: ClaimValue,
+}
+
+impl ClaimHeader {
+    /// The defaults SPEC.md names when `claim_headers` is absent.
+    pub fn defaults() -> Vec<ClaimHeader> {
+        let claim = |c: &str| ClaimValue::Claim(vec![c.to_owned()]);
+        vec![
+            ClaimHeader {
+                name: "x-auth-subject".into(),
+                value: claim("sub"),
+            },
+            ClaimHeader {
+                name: "x-auth-issuer".into(),
+                value: claim("iss"),
+            },
+            ClaimHeader {
+                name: "x-auth-client-id".into(),
+                value: ClaimValue::ClientId,
+            },
+        ]
+    }
+}
+
+/// The answer, independent of gRPC or HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response<'p> {
+    /// 200 allow, 401/403 deny, 503 error.
+    pub status: u16,
+    /// Request headers to set on the upstream request, overwriting any the client sent.
+    pub upstream_headers: Vec<(&'p str, String)>,
+    /// Configured claim headers not set above: removed so the client cannot supply them.
+    pub remove_headers: Vec<&'p str>,
+    /// Headers for the client on deny or error.
+    pub client_headers: Vec<(&'static str, String)>,
+    /// JSON body for the client on deny or error; empty on allow.
+    pub body: String,
+    pub metadata: Metadata<'p>,
+}
+
+/// What Envoy files under the ext_authz namespace as struct `audgate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata<'p> {
+    pub route: &'p str,
+    pub reason: &'static str,
+    pub subject: String,
+    pub client_id: String,
+    pub issuer: String,
+}
+
+/// Build the answer for a decision.
+pub fn respond<'p>(policy: &'p Policy, d: &Decision<'p>) -> Response<'p> {
+    let metadata = Metadata {
+        route: d.route_name(),
+        reason: d.reason.code(),
+        subject: d.subject().unwrap_or_default().to_owned(),
+        client_id: d.client_id.clone().unwrap_or_default(),
+        issuer: d.issuer.map(|i| policy.issuers[i].name.clone()).unwrap_or_default(),
+    };
+    match d.verdict {
+        Verdict::Allow | Verdict::DryRunDeny => {
+            let (upstream_headers, remove_headers) = claim_headers(policy, d);
+            Response {
+                status: 200,
+                upstream_headers,
+                remove_headers,
+                client_headers: Vec::new(),
+                body: String::new(),
+                metadata,
+            }
+        }
+        Verdict::Deny | Verdict::Error => {
+            let mut client_headers = vec![("content-type", "application/json".to_owned())];
+            if let Some(challenge) = challenge(d.reason, &d.description) {
+                client_headers.push(("www-authenticate", challenge));
+            }
+            if d.verdict == Verdict::Error {
+                client_headers.push(("retry-after", "5".to_owned()));
+            }
+            let body = serde_json::json!({"error": d.reason.code(), "error_description": d.description});
+            Response {
+                status: d.reason.http_status(),
+                upstream_headers: Vec::new(),
+                remove_headers: Vec::new(),
+                client_headers,
+                body: body.to_string(),
+                metadata,
+            }
+        }
+    }
+}
+
+/// RFC 6750 §3: no error attributes when no token was sent; `invalid_token` for a token that
+/// failed verification (or is not meant for this route); `insufficient_scope` for scope.
+fn challenge(reason: Reason, description: &str) -> Option<String> {
+    let error = match reason {
+        Reason::MissingToken => return Some(r#"Bearer realm="audgate""#.to_owned()),
+        Reason::InsufficientScope => "insufficient_scope",
+        Reason::NoRoute | Reason::KeysUnavailable => return None,
+        _ => "invalid_token",
+    };
+    // error_description is a quoted-string of %x20-21 / %x23-5B / %x5D-7E (RFC 6750 §3)
+    let safe: String = description
+        .chars()
+        .map(|c| match c {
+            '"' => '\'',
+            '\\' => '/',
+            ' ' | '!' | '#'..='~' => c,
+            _ => '?',
+        })
+        .collect();
+    Some(format!(
+        r#"Bearer realm="audgate", error="{error}", error_description="{safe}""#
+    ))
+}
+
+/// The claim headers to set, and the configured ones to remove because they have no value.
+/// On a route-rule denial of a dry-run route the token verified, so headers are still set.
+fn claim_headers<'p>(policy: &'p Policy, d: &Decision<'p>) -> (Vec<(&'p str, String)>, Vec<&'p str>) {
+    let mut set = Vec::with_capacity(policy.claim_headers.len());
+    let mut remove = Vec::new();
+    for h in &policy.claim_headers {
+        match d
+            .token
+            .as_ref()
+            .and_then(|t| claim_header_value(&h.value, t, d.client_id.as_deref()))
+        {
+            Some(v) => set.push((h.name.as_str(), v)),
+            None => remove.push(h.name.as_str()),
+        }
+    }
+    (set, remove)
+}
+
+fn claim_header_value(value: &ClaimValue, token: &VerifiedToken, client_id: Option<&str>) -> Option<String> {
+    let claims = token.claims();
+    let text = match value {
+        ClaimValue::ClientId => client_id?.to_owned(),
+        ClaimValue::Payload => claims.payload_b64.clone(),
+        ClaimValue::Claim(path) => {
+            let mut node = claims.payload.get(&path[0])?;
+            for key in &path[1..] {
+                node = node.get(key)?;
+            }
+            render(node)?
+        }
+    };
+    // A header value with CR, LF, NUL or another control character is never sent upstream.
+    let clean = !text.is_empty() && !text.chars().any(|c| c.is_control());
+    clean.then_some(text)
+}
+
+/// A claim as a header value: strings as they are, arrays joined with `,`, objects as JSON.
+fn render(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) => {
+            let parts: Vec<String> = items.iter().filter_map(render).collect();
+            Some(parts.join(","))
+        }
+        other => Some(other.to_string()),
+    }
+}

@@ -1,0 +1,89 @@
+//! What the core needs to know about one request, independent of the wire it arrived on.
+
+use std::collections::HashMap;
+
+/// One request to decide on. The gRPC and HTTP adapters fill it from their own types; header
+/// names are lower-case (Envoy sends them so), repeated headers joined with `,`.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckInput<'a> {
+    pub method: &'a str,
+    /// `:authority` / `Host`, possibly with a port.
+    pub host: &'a str,
+    /// The raw request path, possibly with a query string.
+    pub path: &'a str,
+    pub headers: &'a HashMap<String, String>,
+    /// A route picked by name (Envoy's `context_extensions["audgate.route"]`).
+    pub route_hint: Option<&'a str>,
+}
+
+impl<'a> CheckInput<'a> {
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// The host without a port, as route matching sees it.
+    pub fn hostname(&self) -> &'a str {
+        strip_port(self.host)
+    }
+
+    /// The path without query string or fragment.
+    pub fn path_only(&self) -> &'a str {
+        let end = self.path.find(['?', '#']).unwrap_or(self.path.len());
+        &self.path[..end]
+    }
+
+    /// The query string (after `?`, before `#`), if any.
+    pub fn query(&self) -> Option<&'a str> {
+        let start = self.path.find('?')? + 1;
+        let rest = &self.path[start..];
+        Some(rest.split('#').next().unwrap_or(rest))
+    }
+}
+
+/// `example.com:8443` -> `example.com`; `[::1]:80` -> `[::1]`; a bare IPv6 literal is kept.
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    match host.rfind(':') {
+        Some(i) if host[..i].contains(':') => host, // unbracketed IPv6, no port to strip
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input<'a>(host: &'a str, path: &'a str, headers: &'a HashMap<String, String>) -> CheckInput<'a> {
+        CheckInput {
+            method: "GET",
+            host,
+            path,
+            headers,
+            route_hint: None,
+        }
+    }
+
+    #[test]
+    fn host_port_is_ignored() {
+        let h = HashMap::new();
+        assert_eq!(input("example.com:8443", "/", &h).hostname(), "example.com");
+        assert_eq!(input("example.com", "/", &h).hostname(), "example.com");
+        assert_eq!(input("[::1]:8080", "/", &h).hostname(), "[::1]");
+        assert_eq!(input("::1", "/", &h).hostname(), "::1");
+    }
+
+    #[test]
+    fn query_and_fragment_are_split_off() {
+        let h = HashMap::new();
+        let i = input("h", "/api/orders?token=abc&x=1#frag", &h);
+        assert_eq!(i.path_only(), "/api/orders");
+        assert_eq!(i.query(), Some("token=abc&x=1"));
+        assert_eq!(input("h", "/a", &h).query(), None);
+    }
+}

@@ -1,0 +1,55 @@
+//! One check, end to end, for any transport: evaluate with the current keys; when the core
+//! met an unknown `kid` (or keys that never loaded), let the issuer's cache refetch once —
+//! rate-limited and shared by concurrent requests — and evaluate again; then log.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::authz::{self, CheckInput, Decision, Reason};
+use crate::config::Config;
+use crate::jwks::KeyStore;
+
+/// A config with the key caches of its issuers: what every check reads.
+pub struct Snapshot {
+    pub config: Config,
+    pub keys: KeyStore,
+}
+
+/// Unix seconds now; the only clock read on the request path.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Decide on one request and log the decision (with Envoy's `x-request-id`).
+pub async fn check<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>) -> Decision<'p> {
+    let started = Instant::now();
+    let policy = &snapshot.config.policy;
+    let keys = |id| snapshot.keys.current(id);
+    let mut decision = authz::evaluate(policy, input, keys, unix_now());
+    if let (Reason::UnknownKid | Reason::KeysUnavailable, Some(id)) = (decision.reason, decision.issuer) {
+        let issuer = snapshot.keys.issuer(id);
+        if issuer.refetch_for_unknown_kid(issuer.generation()).await {
+            decision = authz::evaluate(policy, input, keys, unix_now());
+        }
+    }
+    log(snapshot, &decision, input, started);
+    decision
+}
+
+fn log(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>, started: Instant) {
+    tracing::info!(
+        target: "audgate::decision",
+        route = d.route_name(),
+        decision = d.verdict.label(),
+        reason = d.reason.code(),
+        issuer = d.issuer.map_or("", |i| snapshot.config.policy.issuers[i].name.as_str()),
+        subject = d.subject().unwrap_or(""),
+        client_id = d.client_id.as_deref().unwrap_or(""),
+        request_id = input.header("x-request-id").unwrap_or(""),
+        latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+    );
+    if !d.description.is_empty() {
+        tracing::debug!(target: "audgate::decision", reason = d.reason.code(), description = %d.description);
+    }
+}

@@ -1,0 +1,542 @@
+//! Raw config -> runtime types, collecting every semantic error with its position.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use regex::Regex;
+
+use super::raw::{self, RawConfig, RawDuration, RawIssuer, RawRoute, RawSource, S};
+use super::{Config, Diagnostic, KeySource, KeySourceConfig, Listen, lint};
+use crate::authz::route::{ClientIdClaim, HostPattern, Match, Mode, PathMatch, Role};
+use crate::authz::{
+    Alg, ClaimHeader, ClaimValue, DefaultAction, Issuer, Policy, Route, RouteTable, TokenConfig, TokenSource,
+};
+
+const DEFAULT_ALGORITHMS: [Alg; 2] = [Alg::RS256, Alg::ES256];
+const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+const DEFAULT_MIN_REFRESH: Duration = Duration::from_secs(30);
+const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+
+/// Collects diagnostics while compiling.
+#[derive(Default)]
+pub(super) struct Diagnostics {
+    pub errors: Vec<Diagnostic>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Diagnostics {
+    pub fn error<T>(&mut self, at: &S<T>, message: impl Into<String>) {
+        self.errors.push(diag(at, message));
+    }
+
+    pub fn warn<T>(&mut self, at: &S<T>, message: impl Into<String>) {
+        self.warnings.push(diag(at, message));
+    }
+}
+
+fn diag<T>(at: &S<T>, message: impl Into<String>) -> Diagnostic {
+    Diagnostic {
+        line: at.referenced.line(),
+        column: at.referenced.column(),
+        message: message.into(),
+    }
+}
+
+/// A parser or type error from serde-saphyr, as one diagnostic.
+pub(super) fn yaml_error(e: &serde_saphyr::Error) -> Diagnostic {
+    let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+    let mut message = e.without_snippet().to_string();
+    // serde-saphyr prefixes "line L column C: " (or "error: ..."); we print our own position.
+    if let Some(rest) = message.strip_prefix("error: ") {
+        message = rest.to_owned();
+    }
+    let prefix = format!("line {line} column {column}: ");
+    if let Some(rest) = message.strip_prefix(&prefix) {
+        message = rest.to_owned();
+    }
+    let mut message = message.lines().next().unwrap_or_default().trim().to_owned();
+    for suffix in [
+        format!(" at line {line}, column {column}"),
+        ", set DuplicateKeyPolicy in Options if acceptable".to_owned(),
+    ] {
+        if let Some(i) = message.rfind(&suffix) {
+            message.replace_range(i..i + suffix.len(), "");
+        }
+    }
+    Diagnostic { line, column, message }
+}
+
+pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let mut d = Diagnostics::default();
+    let listen = listen(&raw.listen, &mut d);
+    let (issuers, key_sources) = issuers(&raw, &mut d);
+    let token = token(raw.token.as_ref(), &mut d);
+    let claim_headers = claim_headers(raw.claim_headers.as_ref(), &mut d);
+    let routes = routes(&raw, &issuers, &mut d);
+    if !d.errors.is_empty() {
+        return Err(d.errors);
+    }
+    lint::routes(&raw.routes, &routes, &mut d);
+    lint::issuers(&raw, &mut d);
+    let default = match raw.default {
+        Some(raw::DefaultKeyword::Allow) => DefaultAction::Allow,
+        _ => DefaultAction::Deny,
+    };
+    let policy = Policy::new(issuers, token, claim_headers, RouteTable::new(routes, default));
+    let config = Config {
+        listen,
+        policy,
+        key_sources,
+        hash: hash(text),
+    };
+    Ok((config, d.warnings))
+}
+
+fn hash(text: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn listen(raw: &raw::RawListen, d: &mut Diagnostics) -> Listen {
+    let mut listen = Listen::default();
+    for (value, slot, name) in [
+        (&raw.grpc, &mut listen.grpc, "grpc"),
+        (&raw.http, &mut listen.http, "http"),
+        (&raw.admin, &mut listen.admin, "admin"),
+    ] {
+        if let Some(v) = value {
+            match v.value.parse::<SocketAddr>() {
+                Ok(addr) => *slot = addr,
+                Err(_) => d.error(
+                    v,
+                    format!("listen.{name}: `{}` is not an address like 0.0.0.0:9191", v.value),
+                ),
+            }
+        }
+    }
+    listen
+}
+
+/// `30s`, `5m`, `1h 30m` (humantime) or plain seconds.
+pub fn parse_duration(raw: &RawDuration) -> Result<Duration, String> {
+    match raw {
+        RawDuration::Seconds(s) => Ok(Duration::from_secs(*s)),
+        RawDuration::Text(t) => {
+            humantime::parse_duration(t.trim()).map_err(|e| format!("`{t}` is not a duration like 30s or 5m: {e}"))
+        }
+    }
+}
+
+fn duration(raw: Option<&S<RawDuration>>, default: Duration, what: &str, d: &mut Diagnostics) -> Duration {
+    let Some(v) = raw else { return default };
+    match parse_duration(&v.value) {
+        Ok(dur) => dur,
+        Err(e) => {
+            d.error(v, format!("{what}: {e}"));
+            default
+        }
+    }
+}
+
+fn is_url(s: &str) -> bool {
+    s.starts_with("https://") || s.starts_with("http://")
+}
+
+fn issuers(raw: &RawConfig, d: &mut Diagnostics) -> (Vec<Issuer>, Vec<KeySourceConfig>) {
+    let mut issuers = Vec::new();
+    let mut sources = Vec::new();
+    let mut seen_iss = HashSet::new();
+    for (name, spanned) in &raw.issuers {
+        let i: &RawIssuer = &spanned.value;
+        let what = format!("issuer {name}");
+        if i.issuer.value.is_empty() {
+            d.error(&i.issuer, format!("{what}: `issuer` is empty"));
+        }
+        for iss in std::iter::once(&i.issuer).chain(&i.issuer_aliases) {
+            if !iss.value.is_empty() && !seen_iss.insert(iss.value.clone()) {
+                d.error(
+                    iss,
+                    format!(
+                        "{what}: `{}` is already the issuer or alias of another issuer",
+                        iss.value
+                    ),
+                );
+            }
+        }
+        let source = key_source(name, spanned, d);
+        let algorithms = match &i.algorithms {
+            None => DEFAULT_ALGORITHMS.to_vec(),
+            Some(list) => {
+                let mut algs = Vec::new();
+                for a in list {
+                    match Alg::from_name(&a.value) {
+                        Some(alg) => algs.push(alg),
+                        None if a.value.eq_ignore_ascii_case("none") || a.value.to_ascii_uppercase().starts_with("HS") => {
+                            d.error(a, format!("{what}: `{}` is never accepted with JWKS keys", a.value))
+                        }
+                        None => d.error(
+                            a,
+                            format!(
+                                "{what}: unknown algorithm `{}`; one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA",
+                                a.value
+                            ),
+                        ),
+                    }
+                }
+                if list.is_empty() {
+                    d.error(spanned, format!("{what}: `algorithms` is empty"));
+                }
+                algs
+            }
+        };
+        let leeway = duration(i.leeway.as_ref(), DEFAULT_LEEWAY, &format!("{what}: leeway"), d);
+        let refresh_interval = duration(
+            i.refresh_interval.as_ref(),
+            DEFAULT_REFRESH,
+            &format!("{what}: refresh_interval"),
+            d,
+        );
+        let min_refresh_interval = duration(
+            i.min_refresh_interval.as_ref(),
+            DEFAULT_MIN_REFRESH,
+            &format!("{what}: min_refresh_interval"),
+            d,
+        );
+        if refresh_interval.is_zero() {
+            if let Some(r) = &i.refresh_interval {
+                d.error(r, format!("{what}: refresh_interval must be above zero"));
+            }
+        }
+        issuers.push(Issuer {
+            name: name.clone(),
+            issuer: i.issuer.value.clone(),
+            aliases: i.issuer_aliases.iter().map(|a| a.value.clone()).collect(),
+            algorithms,
+            leeway: i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX),
+        });
+        sources.push(KeySourceConfig {
+            source,
+            refresh_interval,
+            min_refresh_interval,
+            ca_file: i.ca_file.as_ref().map(|c| PathBuf::from(&c.value)),
+        });
+    }
+    (issuers, sources)
+}
+
+fn key_source(name: &str, spanned: &S<RawIssuer>, d: &mut Diagnostics) -> KeySource {
+    let i = &spanned.value;
+    let mut found = Vec::new();
+    if i.discovery == Some(true) {
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            i.issuer.value.trim_end_matches('/')
+        );
+        if !is_url(&i.issuer.value) {
+            d.error(
+                &i.issuer,
+                format!("issuer {name}: `discovery: true` needs an http(s) issuer URL"),
+            );
+        }
+        found.push(KeySource::Discovery(url));
+    }
+    if let Some(u) = &i.discovery_url {
+        found.push(KeySource::Discovery(u.value.clone()));
+    }
+    if let Some(u) = &i.jwks_uri {
+        found.push(KeySource::JwksUri(u.value.clone()));
+    }
+    if let Some(f) = &i.jwks_file {
+        found.push(KeySource::File(PathBuf::from(&f.value)));
+    }
+    for url in [&i.discovery_url, &i.jwks_uri].into_iter().flatten() {
+        if !is_url(&url.value) {
+            d.error(url, format!("issuer {name}: `{}` is not an http(s) URL", url.value));
+        }
+    }
+    if found.len() != 1 {
+        d.error(
+            spanned,
+            format!(
+                "issuer {name}: needs exactly one key source of `discovery: true`, `discovery_url`, `jwks_uri`, `jwks_file` (found {})",
+                found.len()
+            ),
+        );
+    }
+    found.into_iter().next().unwrap_or(KeySource::File(PathBuf::new()))
+}
+
+fn token(raw: Option<&raw::RawToken>, d: &mut Diagnostics) -> TokenConfig {
+    let mut config = TokenConfig::default();
+    let Some(raw) = raw else { return config };
+    if let Some(sources) = &raw.sources {
+        if sources.value.is_empty() {
+            d.error(sources, "token.sources is empty: list at least `authorization`");
+        }
+        config.sources = sources
+            .value
+            .iter()
+            .map(|s| match s {
+                RawSource::Authorization => TokenSource::Authorization,
+                RawSource::Header(h) => {
+                    if !valid_header_name(&h.to_ascii_lowercase()) {
+                        d.error(sources, format!("token.sources: `{h}` is not a header name"));
+                    }
+                    TokenSource::Header(h.to_ascii_lowercase())
+                }
+                RawSource::Cookie(c) => TokenSource::Cookie(c.clone()),
+                RawSource::Query(q) => TokenSource::Query(q.clone()),
+            })
+            .collect();
+    }
+    if let Some(max) = &raw.max_bytes {
+        if max.value == 0 {
+            d.error(max, "token.max_bytes must be above zero");
+        }
+        config.max_bytes = usize::try_from(max.value).unwrap_or(usize::MAX);
+    }
+    config
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Headers a claim may never be written to: they would change how the request is routed,
+/// framed or authenticated upstream.
+const RESERVED_HEADERS: [&str; 8] = [
+    "host",
+    "authorization",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+];
+
+fn claim_headers(raw: Option<&indexmap::IndexMap<String, S<String>>>, d: &mut Diagnostics) -> Vec<ClaimHeader> {
+    let Some(raw) = raw else {
+        return ClaimHeader::defaults();
+    };
+    let mut out = Vec::new();
+    for (name, value) in raw {
+        let lower = name.to_ascii_lowercase();
+        if !valid_header_name(&lower) || lower.starts_with(':') {
+            d.error(value, format!("claim_headers: `{name}` is not a header name"));
+        } else if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("x-envoy-") {
+            d.error(value, format!("claim_headers: `{name}` cannot carry a claim"));
+        }
+        let v = value.value.trim();
+        let claim = match v {
+            "$client_id" => ClaimValue::ClientId,
+            "$payload" => ClaimValue::Payload,
+            _ if v.starts_with('$') => {
+                d.error(
+                    value,
+                    format!("claim_headers.{name}: `{v}` is not one of $client_id, $payload"),
+                );
+                continue;
+            }
+            _ => {
+                let path: Vec<String> = v.split('.').map(str::to_owned).collect();
+                if path.iter().any(String::is_empty) {
+                    d.error(
+                        value,
+                        format!("claim_headers.{name}: `{v}` is not a claim path like realm_access.roles"),
+                    );
+                }
+                ClaimValue::Claim(path)
+            }
+        };
+        if out.iter().any(|h: &ClaimHeader| h.name == lower) {
+            d.error(value, format!("claim_headers: `{name}` is listed twice"));
+        }
+        out.push(ClaimHeader {
+            name: lower,
+            value: claim,
+        });
+    }
+    out
+}
+
+fn routes(raw: &RawConfig, issuers: &[Issuer], d: &mut Diagnostics) -> Vec<Route> {
+    let mut names = HashSet::new();
+    let mut routes = Vec::new();
+    for spanned in &raw.routes {
+        let r: &RawRoute = &spanned.value;
+        let name = r.name.value.clone();
+        if name.is_empty() {
+            d.error(&r.name, "a route needs a non-empty `name`");
+        } else if !names.insert(name.clone()) {
+            d.error(&r.name, format!("route name `{name}` is used twice"));
+        }
+        let matcher = matcher(&name, r.matcher.as_ref(), d);
+        let route_issuers: Vec<usize> = match &r.issuers {
+            None => (0..issuers.len()).collect(),
+            Some(list) => list
+                .iter()
+                .filter_map(|i| {
+                    let id = issuers.iter().position(|known| known.name == i.value);
+                    if id.is_none() {
+                        let known: Vec<&str> = issuers.iter().map(|k| k.name.as_str()).collect();
+                        d.error(
+                            i,
+                            format!(
+                                "route {name}: unknown issuer `{}` (configured: {})",
+                                i.value,
+                                known.join(", ")
+                            ),
+                        );
+                    }
+                    id
+                })
+                .collect(),
+        };
+        let client_ids: Vec<String> = r
+            .client_ids
+            .as_ref()
+            .map(|c| c.value.iter().map(|id| id.value.clone()).collect())
+            .unwrap_or_default();
+        if !r.allow_anonymous {
+            match &r.client_ids {
+                None => d.error(
+                    spanned,
+                    format!("route {name}: needs `client_ids` (or `allow_anonymous: true`)"),
+                ),
+                Some(c) if client_ids.is_empty() => d.error(c, format!("route {name}: `client_ids` is empty")),
+                _ => {}
+            }
+            if route_issuers.is_empty() && r.issuers.is_none() {
+                d.error(
+                    spanned,
+                    format!("route {name}: no issuers are configured to verify its tokens"),
+                );
+            }
+        }
+        let client_id_claims = match &r.client_id_claims {
+            None => vec![ClientIdClaim::Aud],
+            Some(list) => {
+                if list.is_empty() {
+                    d.error(spanned, format!("route {name}: `client_id_claims` is empty"));
+                }
+                list.iter()
+                    .filter_map(|c| {
+                        let claim = ClientIdClaim::from_name(&c.value);
+                        if claim.is_none() {
+                            d.error(
+                                c,
+                                format!(
+                                    "route {name}: client_id_claims: `{}` is not aud, azp or client_id",
+                                    c.value
+                                ),
+                            );
+                        }
+                        claim
+                    })
+                    .collect()
+            }
+        };
+        let required_roles = r
+            .required_roles
+            .iter()
+            .map(|role| {
+                if role.value.is_empty() || role.value.starts_with(':') || role.value.ends_with(':') {
+                    d.error(
+                        role,
+                        format!("route {name}: `{}` is not a role (ROLE or CLIENT:ROLE)", role.value),
+                    );
+                }
+                Role::parse(&role.value)
+            })
+            .collect();
+        routes.push(Route {
+            name,
+            matcher,
+            issuers: route_issuers,
+            client_ids,
+            client_id_claims,
+            required_scopes: r.required_scopes.clone(),
+            required_roles,
+            allow_anonymous: r.allow_anonymous,
+            mode: match r.mode {
+                Some(raw::ModeKeyword::DryRun) => Mode::DryRun,
+                _ => Mode::Enforce,
+            },
+        });
+    }
+    routes
+}
+
+fn matcher(route: &str, raw: Option<&S<raw::RawMatch>>, d: &mut Diagnostics) -> Match {
+    let Some(spanned) = raw else {
+        return Match {
+            hosts: Vec::new(),
+            path: PathMatch::Any,
+            methods: Vec::new(),
+        };
+    };
+    let m = &spanned.value;
+    let hosts = m
+        .hosts
+        .iter()
+        .map(|h| {
+            let v = h.value.trim();
+            let bad_wildcard = v.contains('*') && !(v.starts_with("*.") && !v[1..].contains('*'));
+            if v.is_empty() || bad_wildcard || v.contains(['/', ' ']) {
+                d.error(h, format!("route {route}: host `{v}` is not a host name or `*.domain`"));
+            }
+            HostPattern::parse(v.split(':').next().unwrap_or(v))
+        })
+        .collect();
+    let set = [m.path_prefix.is_some(), m.path.is_some(), m.path_regex.is_some()];
+    if set.iter().filter(|&&s| s).count() > 1 {
+        d.error(
+            spanned,
+            format!("route {route}: use one of `path_prefix`, `path`, `path_regex`"),
+        );
+    }
+    let path = if let Some(p) = &m.path_prefix {
+        check_path(route, p, d);
+        PathMatch::Prefix(p.value.clone())
+    } else if let Some(p) = &m.path {
+        check_path(route, p, d);
+        PathMatch::Exact(p.value.clone())
+    } else if let Some(p) = &m.path_regex {
+        match Regex::new(&format!("^(?:{})$", p.value)) {
+            Ok(re) => PathMatch::Regex(re),
+            Err(e) => {
+                let first = e.to_string().lines().last().unwrap_or_default().trim().to_owned();
+                d.error(
+                    p,
+                    format!("route {route}: path_regex `{}` does not compile: {first}", p.value),
+                );
+                PathMatch::Any
+            }
+        }
+    } else {
+        PathMatch::Any
+    };
+    let methods = m
+        .methods
+        .iter()
+        .map(|meth| {
+            if meth.value.is_empty() || !meth.value.bytes().all(|b| b.is_ascii_alphabetic()) {
+                d.error(meth, format!("route {route}: `{}` is not an HTTP method", meth.value));
+            }
+            meth.value.to_ascii_uppercase()
+        })
+        .collect();
+    Match { hosts, path, methods }
+}
+
+fn check_path(route: &str, p: &S<String>, d: &mut Diagnostics) {
+    if !p.value.starts_with('/') {
+        d.error(p, format!("route {route}: path `{}` must start with /", p.value));
+    }
+}

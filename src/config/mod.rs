@@ -1,0 +1,136 @@
+//! YAML config -> validated [`Config`]. Every problem is reported with file, line and column;
+//! the semantic pass collects all of them before failing. A config that does not validate is
+//! never used: at start audgate exits, on reload the old one keeps serving.
+
+mod compile;
+mod lint;
+mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::authz::Policy;
+
+pub use compile::parse_duration;
+
+/// A validated, compiled config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub policy: Policy,
+    /// Where each issuer's keys come from, indexed like `policy.issuers`.
+    pub key_sources: Vec<KeySourceConfig>,
+    /// Hex digest of the file's bytes (the `audgate_config_info` label).
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            grpc: SocketAddr::from(([0, 0, 0, 0], 9191)),
+            http: SocketAddr::from(([0, 0, 0, 0], 9192)),
+            admin: SocketAddr::from(([0, 0, 0, 0], 9901)),
+        }
+    }
+}
+
+/// How one issuer's keys are obtained and refreshed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySourceConfig {
+    pub source: KeySource,
+    pub refresh_interval: Duration,
+    pub min_refresh_interval: Duration,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// An OpenID discovery document URL; its `jwks_uri` names the key set.
+    Discovery(String),
+    JwksUri(String),
+    File(PathBuf),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Discovery(url) => write!(f, "discovery {url}"),
+            KeySource::JwksUri(url) => write!(f, "jwks_uri {url}"),
+            KeySource::File(path) => write!(f, "jwks_file {}", path.display()),
+        }
+    }
+}
+
+/// One problem (or warning) at a place in the file. Line and column are 1-based; 0 when the
+/// parser could not tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+}
+
+/// The problems that stopped a config from loading.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub path: PathBuf,
+    pub errors: Vec<Diagnostic>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", located(&self.path, d, "error"))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// `path:line:column: error: message`.
+pub fn located(path: &Path, d: &Diagnostic, severity: &str) -> String {
+    format!("{}:{}:{}: {severity}: {}", path.display(), d.line, d.column, d.message)
+}
+
+/// A config that validated, with what `check-config` warns about.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Read, parse and validate a config file.
+pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+    let fail = |errors| ConfigErrors {
+        path: path.to_owned(),
+        errors,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(vec![Diagnostic {
+            line: 0,
+            column: 0,
+            message: format!("cannot read the config: {e}"),
+        }])
+    })?;
+    parse(&text).map_err(fail)
+}
+
+/// Parse and validate config text.
+pub fn parse(text: &str) -> Result<Loaded, Vec<Diagnostic>> {
+    let raw: raw::RawConfig = serde_saphyr::from_str(text).map_err(|e| vec![compile::yaml_error(&e)])?;
+    let (config, warnings) = compile::compile(raw, text)?;
+    Ok(Loaded { config, warnings })
+}

@@ -1,0 +1,115 @@
+//! The config file as written: serde types that mirror SPEC.md's YAML, with the positions of
+//! the values later checks point at. Nothing here is used after loading.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+pub type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub listen: RawListen,
+    #[serde(default)]
+    pub issuers: IndexMap<String, S<RawIssuer>>,
+    pub token: Option<RawToken>,
+    pub claim_headers: Option<IndexMap<String, S<String>>>,
+    #[serde(default)]
+    pub routes: Vec<S<RawRoute>>,
+    pub default: Option<DefaultKeyword>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub grpc: Option<S<String>>,
+    pub http: Option<S<String>>,
+    pub admin: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIssuer {
+    pub issuer: S<String>,
+    #[serde(default)]
+    pub issuer_aliases: Vec<S<String>>,
+    pub discovery: Option<bool>,
+    pub discovery_url: Option<S<String>>,
+    pub jwks_uri: Option<S<String>>,
+    pub jwks_file: Option<S<String>>,
+    pub algorithms: Option<Vec<S<String>>>,
+    pub refresh_interval: Option<S<RawDuration>>,
+    pub min_refresh_interval: Option<S<RawDuration>>,
+    pub leeway: Option<S<RawDuration>>,
+    pub ca_file: Option<S<String>>,
+}
+
+/// `30s`, `5m`, `1h 30m` or a number of seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawDuration {
+    Seconds(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToken {
+    pub sources: Option<S<Vec<RawSource>>>,
+    pub max_bytes: Option<S<u64>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawSource {
+    Authorization,
+    Header(String),
+    Cookie(String),
+    Query(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: S<String>,
+    #[serde(rename = "match")]
+    pub matcher: Option<S<RawMatch>>,
+    pub issuers: Option<Vec<S<String>>>,
+    pub client_ids: Option<S<Vec<S<String>>>>,
+    pub client_id_claims: Option<Vec<S<String>>>,
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    #[serde(default)]
+    pub required_roles: Vec<S<String>>,
+    pub mode: Option<ModeKeyword>,
+    #[serde(default)]
+    pub allow_anonymous: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    #[serde(default)]
+    pub hosts: Vec<S<String>>,
+    pub path_prefix: Option<S<String>>,
+    pub path: Option<S<String>>,
+    pub path_regex: Option<S<String>>,
+    #[serde(default)]
+    pub methods: Vec<S<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModeKeyword {
+    Enforce,
+    DryRun,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultKeyword {
+    Deny,
+    Allow,
+}

@@ -1,0 +1,155 @@
+//! Per-issuer key cache: the last good key set, periodic refresh, and the rate-limited,
+//! single-flight refetch a request triggers when it meets an unknown `kid`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::fetch::Fetcher;
+use super::keyset::KeySet;
+use crate::config::KeySourceConfig;
+
+/// Wait between load attempts while an issuer's keys have never loaded.
+const FIRST_LOAD_RETRY_MIN: Duration = Duration::from_millis(500);
+const FIRST_LOAD_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// One issuer's keys.
+pub struct IssuerKeys {
+    name: String,
+    config: KeySourceConfig,
+    fetcher: Fetcher,
+    /// The last good key set; `None` until the first successful load. A std lock: it is held
+    /// only to clone or replace an `Arc`, never across an await.
+    current: RwLock<Option<Arc<KeySet>>>,
+    /// Bumped whenever the published key set changes (cached tokens compare it).
+    generation: AtomicU64,
+    /// Held while fetching, so concurrent requests share one fetch.
+    fetch: Mutex<FetchState>,
+}
+
+#[derive(Default)]
+struct FetchState {
+    last_attempt: Option<Instant>,
+    document: Vec<u8>,
+    jwks_uri: Option<String>,
+}
+
+/// What a fetch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refreshed {
+    /// Loaded; `changed` when the document differs from the previous one.
+    Ok { keys: usize, changed: bool },
+    /// Failed; the previous keys (if any) stay in use.
+    Failed(String),
+}
+
+impl IssuerKeys {
+    pub fn new(name: String, config: KeySourceConfig) -> Result<IssuerKeys, String> {
+        let fetcher = Fetcher::new(config.ca_file.as_deref())?;
+        Ok(IssuerKeys {
+            name,
+            config,
+            fetcher,
+            current: RwLock::new(None),
+            generation: AtomicU64::new(0),
+            fetch: Mutex::new(FetchState::default()),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn config(&self) -> &KeySourceConfig {
+        &self.config
+    }
+
+    /// The current key set, `None` while it has never loaded.
+    pub fn current(&self) -> Option<Arc<KeySet>> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Fetch now (periodic refresh, start-up).
+    pub async fn refresh(&self) -> Refreshed {
+        let mut state = self.fetch.lock().await;
+        self.fetch_locked(&mut state).await
+    }
+
+    /// A request met a `kid` (or found no keys) it could not use: refetch, unless a fetch
+    /// already ran within `min_refresh_interval`. Requests arriving during a fetch wait for it
+    /// and share its result. Returns whether the key set changed since `seen_generation`.
+    pub async fn refetch_for_unknown_kid(&self, seen_generation: u64) -> bool {
+        let mut state = self.fetch.lock().await;
+        if self.generation() != seen_generation {
+            return true; // someone else's fetch brought new keys while we waited
+        }
+        let recent = state
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < self.config.min_refresh_interval);
+        if recent {
+            return false;
+        }
+        let outcome = self.fetch_locked(&mut state).await;
+        tracing::info!(issuer = %self.name, outcome = ?outcome, "JWKS refetch for an unknown kid");
+        self.generation() != seen_generation
+    }
+
+    async fn fetch_locked(&self, state: &mut FetchState) -> Refreshed {
+        state.last_attempt = Some(Instant::now());
+        let fetched = match self.fetcher.fetch(&self.config.source, state.jwks_uri.as_deref()).await {
+            Ok(f) => f,
+            Err(e) => {
+                state.jwks_uri = None; // re-run discovery next time: the JWKS may have moved
+                return Refreshed::Failed(e);
+            }
+        };
+        state.jwks_uri = fetched.jwks_uri;
+        for skipped in fetched.keys.skipped() {
+            tracing::debug!(issuer = %self.name, kid = ?skipped.kid, why = %skipped.why, "JWKS key skipped");
+        }
+        let keys = fetched.keys.keys().len();
+        let changed = fetched.document != state.document || self.current().is_none();
+        if changed {
+            state.document = fetched.document;
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fetched.keys));
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        Refreshed::Ok { keys, changed }
+    }
+
+    /// Keep the keys fresh: retry quickly (with backoff) until the first load succeeds, then
+    /// refresh every `refresh_interval`. Runs until the task is aborted.
+    pub async fn run_refresh(self: Arc<Self>) {
+        let mut retry = FIRST_LOAD_RETRY_MIN;
+        loop {
+            let outcome = self.refresh().await;
+            match &outcome {
+                Refreshed::Ok { keys, changed } => {
+                    tracing::info!(issuer = %self.name, keys, changed, "JWKS refreshed");
+                }
+                Refreshed::Failed(e) if self.current().is_some() => {
+                    tracing::warn!(issuer = %self.name, error = %e, "JWKS refresh failed; keeping the last good keys");
+                }
+                Refreshed::Failed(e) => {
+                    tracing::warn!(issuer = %self.name, error = %e, retry_in = ?retry, "JWKS not loaded yet");
+                }
+            }
+            let wait = if self.current().is_some() {
+                retry = FIRST_LOAD_RETRY_MIN;
+                self.config.refresh_interval
+            } else {
+                let wait = retry;
+                retry = (retry * 2).min(FIRST_LOAD_RETRY_MAX).min(self.config.refresh_interval);
+                wait
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
