@@ -156,20 +156,23 @@ mod convert {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authz::CheckInput;
     use envoy_types::ext_authz::v3::pb::HttpResponse;
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request as AttrRequest};
 
     #[test]
     fn context_extension_names_the_route_and_fields_fall_back_to_pseudo_headers() {
         let mut req = CheckRequest::default();
-        let mut attrs = envoy_types::ext_authz::v3::pb::AttributeContext::default();
+        let mut attrs = AttributeContext::default();
         attrs
             .context_extensions
             .insert(ROUTE_CONTEXT_KEY.into(), "orders".into());
-        let mut http = envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest::default();
+        let mut http = HttpRequest::default();
         http.headers.insert(":authority".into(), "shop.example.com".into());
         http.headers.insert(":path".into(), "/a?b".into());
         http.method = "GET".into();
-        attrs.request = Some(envoy_types::pb::envoy::service::auth::v3::attribute_context::Request {
+        attrs.request = Some(AttrRequest {
             http: Some(http),
             ..Default::default()
         });

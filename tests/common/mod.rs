@@ -784,7 +784,9 @@ impl Audgate {
             .env_remove("ALL_PROXY")
             .env_remove("all_proxy")
             .env("NO_PROXY", "127.0.0.1,localhost")
-            .env("no_proxy", "127.0.0.1,localhost");
+            .env("no_proxy", "127.0.0.1,localhost")
+            // Plain logs in the captured files.
+            .env("NO_COLOR", "1");
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info,audgate=debug");
         }
@@ -923,6 +925,9 @@ impl Envoy {
             .arg("1")
             .arg("-l")
             .arg("warning")
+            // Flush the access log (stdout) often, so logs printed on failure are complete.
+            .arg("--file-flush-interval-msec")
+            .arg("100")
             .current_dir(dir.path());
         let mut process = Process::spawn("envoy", command, dir.path());
 
@@ -937,10 +942,9 @@ impl Envoy {
                     process.logs()
                 );
             }
-            if let Ok(response) = client.get(&ready_url).send().await {
-                if response.status() == reqwest::StatusCode::OK {
-                    break;
-                }
+            let ready = client.get(&ready_url).send().await;
+            if ready.is_ok_and(|response| response.status() == reqwest::StatusCode::OK) {
+                break;
             }
             if Instant::now() > deadline {
                 panic!(
