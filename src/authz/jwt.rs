@@ -384,27 +384,27 @@ pub fn check_times(claims: &Claims, leeway: i64, now: i64) -> Result<(), Denial>
             format!("the token expired {} ago (leeway {leeway}s)", ago(now - claims.exp)),
         ));
     }
-    if let Some(nbf) = claims.nbf {
-        if now < nbf.saturating_sub(leeway) {
-            return Err(Denial::new(
-                Reason::NotYetValid,
-                format!(
-                    "the token is not valid for another {} (nbf, leeway {leeway}s)",
-                    ago(nbf - now)
-                ),
-            ));
-        }
+    if let Some(nbf) = claims.nbf
+        && now < nbf.saturating_sub(leeway)
+    {
+        return Err(Denial::new(
+            Reason::NotYetValid,
+            format!(
+                "the token is not valid for another {} (nbf, leeway {leeway}s)",
+                ago(nbf - now)
+            ),
+        ));
     }
-    if let Some(iat) = claims.iat {
-        if iat > now.saturating_add(leeway) {
-            return Err(Denial::new(
-                Reason::NotYetValid,
-                format!(
-                    "the token was issued {} in the future (iat, leeway {leeway}s)",
-                    ago(iat - now)
-                ),
-            ));
-        }
+    if let Some(iat) = claims.iat
+        && iat > now.saturating_add(leeway)
+    {
+        return Err(Denial::new(
+            Reason::NotYetValid,
+            format!(
+                "the token was issued {} in the future (iat, leeway {leeway}s)",
+                ago(iat - now)
+            ),
+        ));
     }
     Ok(())
 }

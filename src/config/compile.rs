@@ -204,10 +204,10 @@ fn issuers(raw: &RawConfig, d: &mut Diagnostics) -> (Vec<Issuer>, Vec<KeySourceC
             &format!("{what}: min_refresh_interval"),
             d,
         );
-        if refresh_interval.is_zero() {
-            if let Some(r) = &i.refresh_interval {
-                d.error(r, format!("{what}: refresh_interval must be above zero"));
-            }
+        if refresh_interval.is_zero()
+            && let Some(r) = &i.refresh_interval
+        {
+            d.error(r, format!("{what}: refresh_interval must be above zero"));
         }
         issuers.push(Issuer {
             name: name.clone(),
@@ -487,7 +487,8 @@ fn matcher(route: &str, raw: Option<&S<raw::RawMatch>>, d: &mut Diagnostics) -> 
         .iter()
         .map(|h| {
             let v = h.value.trim();
-            let bad_wildcard = v.contains('*') && !(v.starts_with("*.") && !v[1..].contains('*'));
+            let stars = v.matches('*').count();
+            let bad_wildcard = stars > 1 || (stars == 1 && !v.starts_with("*."));
             if v.is_empty() || bad_wildcard || v.contains(['/', ' ']) {
                 d.error(h, format!("route {route}: host `{v}` is not a host name or `*.domain`"));
             }

@@ -133,10 +133,10 @@ impl KeySet {
 
 fn parse_key(jwk: &Value) -> Result<Key, String> {
     let field = |name: &str| jwk.get(name).and_then(Value::as_str);
-    if let Some(usage) = jwk.get("use") {
-        if usage.as_str() != Some("sig") {
-            return Err(format!("`use` is {usage}, not \"sig\""));
-        }
+    if let Some(usage) = jwk.get("use")
+        && usage.as_str() != Some("sig")
+    {
+        return Err(format!("`use` is {usage}, not \"sig\""));
     }
     if let Some(ops) = jwk.get("key_ops") {
         let verifies = ops.as_array().is_some_and(|ops| ops.iter().any(|o| o == "verify"));
@@ -204,10 +204,10 @@ fn parse_key(jwk: &Value) -> Result<Key, String> {
         }
         None => return Err("missing `kty`".into()),
     };
-    if let Some(alg) = alg {
-        if !kind.fits(alg) {
-            return Err(format!("`alg` {alg} does not fit a {kind:?} key"));
-        }
+    if let Some(alg) = alg
+        && !kind.fits(alg)
+    {
+        return Err(format!("`alg` {alg} does not fit a {kind:?} key"));
     }
     Ok(Key {
         kid: None,
