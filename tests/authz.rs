@@ -548,12 +548,10 @@ fn eddsa_tokens_verify() {
     let input = common::signing_input(&json!({"alg": "EdDSA", "kid": "ed"}), &claims(json!({})));
     let token = format!("{input}.{}", b64url(pair.sign(input.as_bytes())));
     assert_eq!(core.decide(req("/").bearer(&token)).reason, Reason::Allowed);
-    let tampered = format!("{}A", &token[..token.len() - 1]);
-    let reason = core.decide(req("/").bearer(&tampered)).reason;
-    assert!(
-        matches!(reason, Reason::BadSignature | Reason::MalformedToken),
-        "{reason:?}"
-    );
+    let mut signature = pair.sign(input.as_bytes()).as_ref().to_vec();
+    signature[10] ^= 1;
+    let tampered = format!("{input}.{}", b64url(signature));
+    assert_eq!(core.decide(req("/").bearer(&tampered)).reason, Reason::BadSignature);
 }
 
 #[test]

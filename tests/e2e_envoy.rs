@@ -210,6 +210,12 @@ fn envoy_template_validates() {
 
 /// The issuer server, the echo upstream and the token minting work, independently of audgate:
 /// tokens verify with the `jsonwebtoken` crate against the published JWKs.
+/// The example under deploy/ must load in the Envoy we test against.
+#[test]
+fn deploy_envoy_example_validates() {
+    common::validate_envoy_config(&common::repo_root().join("deploy/envoy/envoy.yaml"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn harness_self_test() {
     let rsa = TestKey::rsa("self-rsa");
