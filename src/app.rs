@@ -1,39 +1,93 @@
-//! Wiring for `audgate serve`: load the config, start the issuers' key caches, serve gRPC
-//! until SIGTERM / SIGINT.
+//! Wiring for `audgate serve`: the shared state, the three listeners (gRPC ext_authz + health,
+//! HTTP authorization, admin), config reloads, and the shutdown sequence.
 
 use std::future::Future;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::sync::watch;
+use tonic_health::ServingStatus;
 
 use crate::check::Snapshot;
 use crate::config::{self, Config};
 use crate::grpc::AuthorizationService;
 use crate::jwks::KeyStore;
+use crate::{admin, http, metrics, reload};
 
-/// What the listeners share: the current snapshot. A check clones the `Arc` once and works on
-/// that snapshot to the end, whatever replaces it meanwhile.
+/// How long in-flight checks get to finish after SIGTERM before the process exits anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often readiness is re-evaluated for gRPC health.
+const HEALTH_POLL: Duration = Duration::from_millis(200);
+/// The gRPC service names health is reported for ("" is the whole server).
+const HEALTH_SERVICES: [&str; 2] = ["", "envoy.service.auth.v3.Authorization"];
+
+/// What the listeners share. A check clones the snapshot `Arc` once and finishes on it,
+/// whatever a reload swaps in meanwhile.
 pub struct State {
     snapshot: RwLock<Arc<Snapshot>>,
+    draining: AtomicBool,
+    pub config_path: PathBuf,
 }
 
 impl State {
-    pub fn new(snapshot: Snapshot) -> State {
+    pub fn new(snapshot: Snapshot, config_path: PathBuf) -> State {
         State {
             snapshot: RwLock::new(Arc::new(snapshot)),
+            draining: AtomicBool::new(false),
+            config_path,
         }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Ready: not shutting down, and every issuer's keys loaded. `Err` lists what is missing.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(vec!["shutting down".to_owned()]);
+        }
+        let missing = self.snapshot().missing();
+        if missing.is_empty() { Ok(()) } else { Err(missing) }
+    }
+
+    /// Validate and swap in a new config. Issuers whose key source is unchanged keep their
+    /// keys; new ones start loading. A static key file is re-read.
+    pub fn apply(&self, config: Config) -> Result<(), String> {
+        let current = self.snapshot();
+        if config.listen != current.config.listen {
+            tracing::warn!(
+                "listen addresses changed in {}: they take effect after a restart",
+                self.config_path.display()
+            );
+        }
+        let (keys, fresh) = KeyStore::build(&config, Some(&current.keys))?;
+        for reused in keys
+            .issuers()
+            .iter()
+            .filter(|k| !fresh.iter().any(|f| Arc::ptr_eq(f, k)))
+        {
+            if matches!(reused.config().source, config::KeySource::File(_)) {
+                let reused = Arc::clone(reused);
+                tokio::spawn(async move { reused.refresh().await });
+            }
+        }
+        KeyStore::spawn_refresh(fresh);
+        metrics::set_config_info(Some(&current.config.hash), &config.hash);
+        tracing::info!(hash = %config.hash, "config loaded");
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot { config, keys });
+        Ok(())
+    }
 }
 
-/// Load the config or print every error (file:line:column) and fail.
-pub fn load_config(path: &Path) -> Result<Config, String> {
+/// Load the config or return every error (file:line:column), one a line.
+pub fn load_config(path: &std::path::Path) -> Result<Config, String> {
     match config::load(path) {
         Ok(loaded) => {
             for w in &loaded.warnings {
@@ -45,28 +99,134 @@ pub fn load_config(path: &Path) -> Result<Config, String> {
     }
 }
 
-/// Run the service until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), String> {
-    let keys = KeyStore::new(&config)?;
-    let grpc_addr = config.listen.grpc;
-    let mut refreshers = JoinSet::new();
-    for issuer in keys.issuers() {
-        refreshers.spawn(Arc::clone(issuer).run_refresh());
-    }
-    let state = Arc::new(State::new(Snapshot { config, keys }));
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(addr = %local, "{what} listening");
+    Ok(listener)
+}
 
-    let listener = TcpListener::bind(grpc_addr)
-        .await
-        .map_err(|e| format!("cannot listen on {grpc_addr} (listen.grpc): {e}"))?;
-    tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "gRPC ext_authz listening");
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
-        .add_service(AuthorizationServer::new(AuthorizationService::new(state)))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| format!("gRPC server failed: {e}"));
-    refreshers.abort_all();
-    result
+/// Resolves once `stop` turns true.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Run the service until `shutdown` resolves, then drain: readiness goes to 503/NOT_SERVING,
+/// the listeners stop accepting, in-flight checks finish (up to [`DRAIN_TIMEOUT`]).
+pub async fn run(
+    config: Config,
+    config_path: PathBuf,
+    metrics_handle: PrometheusHandle,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let (keys, fresh) = KeyStore::build(&config, None)?;
+    KeyStore::spawn_refresh(fresh);
+    metrics::set_config_info(None, &config.hash);
+    let listen = config.listen.clone();
+    let state = Arc::new(State::new(Snapshot { config, keys }, config_path));
+
+    let grpc_listener = bind(listen.grpc, "gRPC ext_authz (listen.grpc)").await?;
+    let http_listener = bind(listen.http, "HTTP authorization (listen.http)").await?;
+    let admin_listener = bind(listen.admin, "admin (listen.admin)").await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for service in HEALTH_SERVICES {
+        health.set_service_status(service, ServingStatus::NotServing).await;
+    }
+    let health_task = tokio::spawn(report_health(Arc::clone(&state), health.clone()));
+    let upkeep = tokio::spawn({
+        let handle = metrics_handle.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                handle.run_upkeep();
+            }
+        }
+    });
+    let reloader = tokio::spawn(reload::watch(Arc::clone(&state), stop_rx.clone()));
+
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let mut grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(AuthorizationServer::new(AuthorizationService::new(Arc::clone(&state))))
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+    );
+    let mut http = tokio::spawn(
+        axum::serve(http_listener, http::router(Arc::clone(&state)))
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    let admin = tokio::spawn(
+        axum::serve(admin_listener, admin::router(Arc::clone(&state), metrics_handle))
+            .with_graceful_shutdown(stopped(admin_stop_rx))
+            .into_future(),
+    );
+
+    tokio::select! {
+        () = shutdown => {}
+        result = &mut grpc => return Err(format!("the gRPC listener stopped: {result:?}")),
+        result = &mut http => return Err(format!("the HTTP listener stopped: {result:?}")),
+    }
+    state.draining.store(true, Ordering::Release);
+    for service in HEALTH_SERVICES {
+        health.set_service_status(service, ServingStatus::NotServing).await;
+    }
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let grpc = grpc.await;
+        let http = http.await;
+        (grpc, http)
+    })
+    .await;
+    match drained {
+        Ok((grpc, http)) => {
+            report_server_exit("gRPC", grpc.map(|r| r.map_err(|e| e.to_string())));
+            report_server_exit("HTTP", http.map(|r| r.map_err(|e| e.to_string())));
+            tracing::info!("drained: every in-flight check answered");
+        }
+        Err(_) => tracing::warn!("drain took longer than {DRAIN_TIMEOUT:?}; exiting anyway"),
+    }
+    let _ = admin_stop_tx.send(true);
+    let _ = admin.await;
+    for task in [health_task, upkeep, reloader] {
+        task.abort();
+    }
+    Ok(())
+}
+
+fn report_server_exit(what: &str, result: Result<Result<(), String>, tokio::task::JoinError>) {
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("{what} server: {e}"),
+        Err(e) => tracing::error!("{what} server task: {e}"),
+    }
+}
+
+/// Keep gRPC health in step with readiness, so Envoy health checks and Kubernetes gRPC probes
+/// see NOT_SERVING until every issuer's keys have loaded.
+async fn report_health(state: Arc<State>, health: tonic_health::server::HealthReporter) {
+    let mut serving = false;
+    loop {
+        let ready = state.readiness().is_ok();
+        if ready != serving {
+            serving = ready;
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for service in HEALTH_SERVICES {
+                health.set_service_status(service, status).await;
+            }
+            tracing::info!(ready, "readiness changed");
+        }
+        tokio::time::sleep(HEALTH_POLL).await;
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -80,7 +240,7 @@ pub async fn shutdown_signal() {
         }
     };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
     }
 }

@@ -2,16 +2,28 @@
 //! met an unknown `kid` (or keys that never loaded), let the issuer's cache refetch once —
 //! rate-limited and shared by concurrent requests — and evaluate again; then log.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::authz::{self, CheckInput, Decision, Reason};
 use crate::config::Config;
 use crate::jwks::KeyStore;
+use crate::metrics;
 
 /// A config with the key caches of its issuers: what every check reads.
 pub struct Snapshot {
     pub config: Config,
     pub keys: KeyStore,
+}
+
+impl Snapshot {
+    /// What keeps this snapshot from being ready: issuers whose keys never loaded.
+    pub fn missing(&self) -> Vec<String> {
+        self.keys
+            .missing()
+            .into_iter()
+            .map(|name| format!("keys of issuer {name}"))
+            .collect()
+    }
 }
 
 /// Unix seconds now; the only clock read on the request path.
@@ -33,11 +45,13 @@ pub async fn check<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>) -> Decisi
             decision = authz::evaluate(policy, input, keys, unix_now());
         }
     }
-    log(snapshot, &decision, input, started);
+    let elapsed = started.elapsed();
+    metrics::record_check(decision.route_name(), decision.verdict, decision.reason, elapsed);
+    log(snapshot, &decision, input, elapsed);
     decision
 }
 
-fn log(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>, started: Instant) {
+fn log(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>, elapsed: Duration) {
     tracing::info!(
         target: "audgate::decision",
         route = d.route_name(),
@@ -47,7 +61,7 @@ fn log(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>, started: I
         subject = d.subject().unwrap_or(""),
         client_id = d.client_id.as_deref().unwrap_or(""),
         request_id = input.header("x-request-id").unwrap_or(""),
-        latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
     );
     if !d.description.is_empty() {
         tracing::debug!(target: "audgate::decision", reason = d.reason.code(), description = %d.description);

@@ -12,14 +12,22 @@
 //! - [`check`]: one check end to end: evaluate, refetch keys once when the core asks, log.
 //! - [`grpc`]: Envoy's `envoy.service.auth.v3.Authorization` over tonic; the only module that
 //!   touches envoy-types.
-//! - [`app`]: wiring for `audgate serve`: config, key caches, listeners, shutdown.
+//! - [`http`]: the HTTP authorization endpoint (Envoy `http_service`, nginx, Traefik).
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`metrics`]: SPEC.md's metrics as domain functions; labels come only from the config.
+//! - [`reload`]: config reloads on a directory watch, SIGHUP and a periodic check.
+//! - [`app`]: wiring for `audgate serve`: shared state, listeners, gRPC health, shutdown.
 //! - [`summary`]: the one-screen config summary `audgate check-config` prints.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod check;
 pub mod config;
 pub mod grpc;
+pub mod http;
 pub mod jwks;
+pub mod metrics;
+pub mod reload;
 pub mod summary;

@@ -75,6 +75,7 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
     let token = token(raw.token.as_ref(), &mut d);
     let claim_headers = claim_headers(raw.claim_headers.as_ref(), &mut d);
     let routes = routes(&raw, &issuers, &mut d);
+    let http_endpoint = http_endpoint(raw.http_endpoint.as_ref(), &mut d);
     if !d.errors.is_empty() {
         return Err(d.errors);
     }
@@ -89,14 +90,31 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
         listen,
         policy,
         key_sources,
-        hash: hash(text),
+        http_endpoint,
+        hash: hash_text(text),
     };
     Ok((config, d.warnings))
 }
 
-fn hash(text: &str) -> String {
+/// The config's identity: the first 64 bits of SHA-256 of the file, in hex.
+pub fn hash_text(text: &str) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
     digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn http_endpoint(raw: Option<&raw::RawHttpEndpoint>, d: &mut Diagnostics) -> super::HttpEndpoint {
+    let Some(prefix) = raw.and_then(|r| r.path_prefix.as_ref()) else {
+        return super::HttpEndpoint::default();
+    };
+    if !prefix.value.starts_with('/') {
+        d.error(
+            prefix,
+            format!("http_endpoint.path_prefix `{}` must start with /", prefix.value),
+        );
+    }
+    super::HttpEndpoint {
+        path_prefix: prefix.value.trim_end_matches('/').to_owned(),
+    }
 }
 
 fn listen(raw: &raw::RawListen, d: &mut Diagnostics) -> Listen {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::authz::Policy;
 
-pub use compile::parse_duration;
+pub use compile::{hash_text, parse_duration};
 
 /// A validated, compiled config.
 #[derive(Debug, Clone)]
@@ -22,6 +22,7 @@ pub struct Config {
     pub policy: Policy,
     /// Where each issuer's keys come from, indexed like `policy.issuers`.
     pub key_sources: Vec<KeySourceConfig>,
+    pub http_endpoint: HttpEndpoint,
     /// Hex digest of the file's bytes (the `audgate_config_info` label).
     pub hash: String,
 }
@@ -41,6 +42,14 @@ impl Default for Listen {
             admin: SocketAddr::from(([0, 0, 0, 0], 9901)),
         }
     }
+}
+
+/// The HTTP authorization endpoint's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpEndpoint {
+    /// Stripped from the path of a request that carries no forwarded-request headers (Envoy's
+    /// `http_service.path_prefix`); empty for none.
+    pub path_prefix: String,
 }
 
 /// How one issuer's keys are obtained and refreshed.

@@ -19,6 +19,13 @@ pub struct RawConfig {
     #[serde(default)]
     pub routes: Vec<S<RawRoute>>,
     pub default: Option<DefaultKeyword>,
+    pub http_endpoint: Option<RawHttpEndpoint>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpEndpoint {
+    pub path_prefix: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -2,7 +2,7 @@
 //! single-flight refetch a request triggers when it meets an unknown `kid`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::fetch::Fetcher;
 use super::keyset::KeySet;
 use crate::config::KeySourceConfig;
+use crate::metrics;
 
 /// Wait between load attempts while an issuer's keys have never loaded.
 const FIRST_LOAD_RETRY_MIN: Duration = Duration::from_millis(500);
@@ -107,9 +108,12 @@ impl IssuerKeys {
             Ok(f) => f,
             Err(e) => {
                 state.jwks_uri = None; // re-run discovery next time: the JWKS may have moved
+                metrics::record_jwks_refresh(&self.name, false);
                 return Refreshed::Failed(e);
             }
         };
+        metrics::record_jwks_refresh(&self.name, true);
+        metrics::set_jwks_keys(&self.name, fetched.keys.keys().len());
         state.jwks_uri = fetched.jwks_uri;
         for skipped in fetched.keys.skipped() {
             tracing::debug!(issuer = %self.name, kid = ?skipped.kid, why = %skipped.why, "JWKS key skipped");
@@ -125,30 +129,31 @@ impl IssuerKeys {
     }
 
     /// Keep the keys fresh: retry quickly (with backoff) until the first load succeeds, then
-    /// refresh every `refresh_interval`. Runs until the task is aborted.
-    pub async fn run_refresh(self: Arc<Self>) {
+    /// refresh every `refresh_interval`. Holds only a weak reference between fetches: once no
+    /// config uses these keys any more, the loop ends at its next wake-up.
+    pub async fn run_refresh(keys: Weak<IssuerKeys>) {
         let mut retry = FIRST_LOAD_RETRY_MIN;
-        loop {
-            let outcome = self.refresh().await;
-            match &outcome {
+        while let Some(this) = keys.upgrade() {
+            match this.refresh().await {
                 Refreshed::Ok { keys, changed } => {
-                    tracing::info!(issuer = %self.name, keys, changed, "JWKS refreshed");
+                    tracing::info!(issuer = %this.name, keys, changed, "JWKS refreshed");
                 }
-                Refreshed::Failed(e) if self.current().is_some() => {
-                    tracing::warn!(issuer = %self.name, error = %e, "JWKS refresh failed; keeping the last good keys");
+                Refreshed::Failed(e) if this.current().is_some() => {
+                    tracing::warn!(issuer = %this.name, error = %e, "JWKS refresh failed; keeping the last good keys");
                 }
                 Refreshed::Failed(e) => {
-                    tracing::warn!(issuer = %self.name, error = %e, retry_in = ?retry, "JWKS not loaded yet");
+                    tracing::warn!(issuer = %this.name, error = %e, retry_in = ?retry, "JWKS not loaded yet");
                 }
             }
-            let wait = if self.current().is_some() {
+            let wait = if this.current().is_some() {
                 retry = FIRST_LOAD_RETRY_MIN;
-                self.config.refresh_interval
+                this.config.refresh_interval
             } else {
                 let wait = retry;
-                retry = (retry * 2).min(FIRST_LOAD_RETRY_MAX).min(self.config.refresh_interval);
+                retry = (retry * 2).min(FIRST_LOAD_RETRY_MAX).min(this.config.refresh_interval);
                 wait
             };
+            drop(this);
             tokio::time::sleep(wait).await;
         }
     }

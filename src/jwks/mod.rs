@@ -19,15 +19,44 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
-    pub fn new(config: &Config) -> Result<KeyStore, String> {
-        let issuers = config
-            .policy
-            .issuers
+    /// The key caches for `config`. An issuer whose name and key source are unchanged from
+    /// `previous` keeps its cache (and its loaded keys); the others start empty and are
+    /// returned in the second list, for the caller to start refreshing.
+    pub fn build(config: &Config, previous: Option<&KeyStore>) -> Result<(KeyStore, Vec<Arc<IssuerKeys>>), String> {
+        let mut fresh = Vec::new();
+        let mut issuers = Vec::with_capacity(config.key_sources.len());
+        for (issuer, source) in config.policy.issuers.iter().zip(&config.key_sources) {
+            let reusable = previous
+                .into_iter()
+                .flat_map(|p| p.issuers.iter())
+                .find(|k| k.name() == issuer.name && k.config() == source);
+            match reusable {
+                Some(keys) => issuers.push(Arc::clone(keys)),
+                None => {
+                    let keys = Arc::new(IssuerKeys::new(issuer.name.clone(), source.clone())?);
+                    fresh.push(Arc::clone(&keys));
+                    issuers.push(keys);
+                }
+            }
+        }
+        Ok((KeyStore { issuers }, fresh))
+    }
+
+    /// Start the periodic refresh of each of `issuers` on the current runtime. The tasks hold
+    /// weak references: they end once no key store uses the issuer any more.
+    pub fn spawn_refresh(issuers: Vec<Arc<IssuerKeys>>) {
+        for keys in issuers {
+            tokio::spawn(IssuerKeys::run_refresh(Arc::downgrade(&keys)));
+        }
+    }
+
+    /// Names of the issuers whose keys have never loaded.
+    pub fn missing(&self) -> Vec<&str> {
+        self.issuers
             .iter()
-            .zip(&config.key_sources)
-            .map(|(issuer, source)| IssuerKeys::new(issuer.name.clone(), source.clone()).map(Arc::new))
-            .collect::<Result<_, _>>()?;
-        Ok(KeyStore { issuers })
+            .filter(|k| k.current().is_none())
+            .map(|k| k.name())
+            .collect()
     }
 
     pub fn issuer(&self, id: IssuerId) -> &Arc<IssuerKeys> {

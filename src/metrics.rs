@@ -1,0 +1,73 @@
+//! The metrics of SPEC.md, as domain functions over the `metrics` facade. Every label value
+//! comes from the config (route and issuer names, the config hash) or from a closed enum
+//! (decision, reason, result): nothing a request or token carries ever becomes a label.
+//!
+//! Until [`install`] runs (the binary does it; library tests do not), recording is a no-op.
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::authz::{Reason, Verdict};
+
+const CHECKS: &str = "audgate_checks_total";
+const CHECK_DURATION: &str = "audgate_check_duration_seconds";
+const JWKS_REFRESH: &str = "audgate_jwks_refresh_total";
+const JWKS_KEYS: &str = "audgate_jwks_keys";
+const CONFIG_RELOADS: &str = "audgate_config_reloads_total";
+const CONFIG_INFO: &str = "audgate_config_info";
+
+/// Check latency buckets, in seconds: from a cache hit (tens of µs) to a JWKS refetch.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// Install the Prometheus recorder process-wide; the handle renders `/metrics`.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(CHECK_DURATION.to_owned()), &DURATION_BUCKETS)
+        .and_then(PrometheusBuilder::install_recorder)
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    describe_counter!(CHECKS, "Checks answered, by route, decision and reason.");
+    describe_histogram!(
+        CHECK_DURATION,
+        metrics::Unit::Seconds,
+        "Time to decide one check, by route."
+    );
+    describe_counter!(JWKS_REFRESH, "JWKS fetches, by issuer and result.");
+    describe_gauge!(JWKS_KEYS, "Usable signing keys in the issuer's current key set.");
+    describe_counter!(CONFIG_RELOADS, "Config reloads, by result.");
+    describe_gauge!(CONFIG_INFO, "1 for the hash of the loaded config.");
+    for result in ["ok", "error"] {
+        counter!(CONFIG_RELOADS, "result" => result).absolute(0);
+    }
+    Ok(handle)
+}
+
+pub fn record_check(route: &str, verdict: Verdict, reason: Reason, elapsed: Duration) {
+    counter!(CHECKS, "route" => route.to_owned(), "decision" => verdict.label(), "reason" => reason.code())
+        .increment(1);
+    histogram!(CHECK_DURATION, "route" => route.to_owned()).record(elapsed.as_secs_f64());
+}
+
+pub fn record_jwks_refresh(issuer: &str, ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    counter!(JWKS_REFRESH, "issuer" => issuer.to_owned(), "result" => result).increment(1);
+}
+
+pub fn set_jwks_keys(issuer: &str, keys: usize) {
+    gauge!(JWKS_KEYS, "issuer" => issuer.to_owned()).set(keys as f64);
+}
+
+pub fn record_config_reload(ok: bool) {
+    counter!(CONFIG_RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+/// Mark `hash` as the loaded config (and a replaced one as no longer loaded).
+pub fn set_config_info(previous: Option<&str>, hash: &str) {
+    if let Some(old) = previous.filter(|old| *old != hash) {
+        gauge!(CONFIG_INFO, "hash" => old.to_owned()).set(0.0);
+    }
+    gauge!(CONFIG_INFO, "hash" => hash.to_owned()).set(1.0);
+}
