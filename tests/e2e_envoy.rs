@@ -210,10 +210,12 @@ fn envoy_template_validates() {
 
 /// The issuer server, the echo upstream and the token minting work, independently of audgate:
 /// tokens verify with the `jsonwebtoken` crate against the published JWKs.
-/// The example under deploy/ must load in the Envoy we test against.
+/// The examples under deploy/envoy must load in the Envoy we test against.
 #[test]
-fn deploy_envoy_example_validates() {
-    common::validate_envoy_config(&common::repo_root().join("deploy/envoy/envoy.yaml"));
+fn deploy_envoy_examples_validate() {
+    for file in ["envoy.yaml", "envoy-http-service.yaml"] {
+        common::validate_envoy_config(&common::repo_root().join("deploy/envoy").join(file));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
