@@ -18,7 +18,7 @@ use crate::check::Snapshot;
 use crate::config::{self, Config};
 use crate::grpc::AuthorizationService;
 use crate::jwks::KeyStore;
-use crate::{admin, http, metrics, reload};
+use crate::{admin, admin_api, http, metrics, reload};
 
 /// How long in-flight checks get to finish after SIGTERM before the process exits anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,9 +61,9 @@ impl State {
     /// keys; new ones start loading. A static key file is re-read.
     pub fn apply(&self, config: Config) -> Result<(), String> {
         let current = self.snapshot();
-        if config.listen != current.config.listen {
+        if config.listen != current.config.listen || config.admin_explain != current.config.admin_explain {
             tracing::warn!(
-                "listen addresses changed in {}: they take effect after a restart",
+                "listen addresses or admin.explain changed in {}: they take effect after a restart",
                 self.config_path.display()
             );
         }
@@ -125,6 +125,7 @@ pub async fn run(
     KeyStore::spawn_refresh(fresh);
     metrics::set_config_info(None, &config.hash);
     let listen = config.listen.clone();
+    let admin_explain = config.admin_explain;
     let state = Arc::new(State::new(Snapshot { config, keys }, config_path));
 
     let grpc_listener = bind(listen.grpc, "gRPC ext_authz (listen.grpc)").await?;
@@ -161,8 +162,13 @@ pub async fn run(
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     );
+    let mut admin_router = admin::router(Arc::clone(&state), metrics_handle);
+    if admin_explain {
+        admin_router = admin_router.merge(admin_api::routes(Arc::clone(&state))?);
+        tracing::info!("audgate.v1.Admin/Explain served on the admin listener");
+    }
     let admin = tokio::spawn(
-        axum::serve(admin_listener, admin::router(Arc::clone(&state), metrics_handle))
+        axum::serve(admin_listener, admin_router)
             .with_graceful_shutdown(stopped(admin_stop_rx))
             .into_future(),
     );

@@ -14,20 +14,32 @@
 //!   touches envoy-types.
 //! - [`http`]: the HTTP authorization endpoint (Envoy `http_service`, nginx, Traefik).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`admin_api`]: the `audgate.v1.Admin/Explain` gRPC call (admin listener, opt-in) and its
+//!   client.
 //! - [`metrics`]: SPEC.md's metrics as domain functions; labels come only from the config.
 //! - [`reload`]: config reloads on a directory watch, SIGHUP and a periodic check.
 //! - [`app`]: wiring for `audgate serve`: shared state, listeners, gRPC health, shutdown.
 //! - [`summary`]: the one-screen config summary `audgate check-config` prints.
+//! - [`doctor`]: `audgate doctor`: every issuer checked live (discovery, issuer, keys, clock).
+//! - [`explain`]: `audgate explain`: one decision as a trace, with hints on deny.
+//! - [`policy_test`]: `audgate test`: cases (request, token or claims, expectation) run
+//!   against a config, with ephemeral keys standing in for the issuers'.
+//! - [`commands`]: the one-shot CLI commands (`explain`, `test`, `doctor`) around the above.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_api;
 pub mod app;
 pub mod authz;
 pub mod check;
+pub mod commands;
 pub mod config;
+pub mod doctor;
+pub mod explain;
 pub mod grpc;
 pub mod http;
 pub mod jwks;
 pub mod metrics;
+pub mod policy_test;
 pub mod reload;
 pub mod summary;

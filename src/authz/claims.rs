@@ -22,7 +22,8 @@ fn claim_values(claims: &Claims, claim: ClientIdClaim) -> &[String] {
     }
 }
 
-fn find_client_id(route: &Route, claims: &Claims) -> Result<String, Denial> {
+/// The first of the route's client ids found in its client-id claims.
+pub fn find_client_id(route: &Route, claims: &Claims) -> Result<String, Denial> {
     for &claim in &route.client_id_claims {
         if let Some(found) = claim_values(claims, claim)
             .iter()
@@ -56,7 +57,8 @@ fn names(claims: &[ClientIdClaim]) -> String {
     claims.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ")
 }
 
-fn shown(values: &[String]) -> String {
+/// Claim values for a description: `"a"`, `["a", "b"]` or `(absent)`.
+pub fn shown(values: &[String]) -> String {
     match values {
         [] => "(absent)".to_owned(),
         [one] => format!("\"{}\"", printable(one)),

@@ -15,6 +15,14 @@ use crate::jwks::KeySet;
 pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys: Option<&KeySet>) -> Vec<String> {
     let parsed = token.and_then(|t| jwt::parse(t).ok());
     let claims = parsed.as_ref().map(|p| &p.claims);
+    // what a token parse refused still says about itself
+    let (peeked_header, peeked) = token.map(jwt::peek).unwrap_or_default();
+    let peeked_str = |map: &Option<serde_json::Map<String, Value>>, name: &str| {
+        map.as_ref()
+            .and_then(|m| m.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
     let route = decision.route;
     match decision.reason {
         Reason::Allowed | Reason::Anonymous => Vec::new(),
@@ -28,32 +36,49 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
         Reason::MalformedToken => vec![
             "send the access token itself: a compact JWS (header.payload.signature, base64url), one token per request, with an `exp` claim".to_owned(),
         ],
-        Reason::WrongTokenType => match claims.map(|c| c.str("typ")) {
+        Reason::WrongTokenType => match peeked_str(&peeked, "typ").as_deref() {
             Some("ID") => vec!["this is an ID token; send the access token (the `access_token` of the token response)".to_owned()],
             Some("Refresh" | "Offline") => vec!["this is a refresh token; send the access token instead".to_owned()],
-            _ => vec!["send an access token (payload typ `Bearer`, header typ JWT or at+jwt)".to_owned()],
+            _ => vec![format!(
+                "send an access token (payload typ `Bearer`, header typ JWT or at+jwt; this one has header typ `{}`)",
+                jwt::readable(&peeked_str(&peeked_header, "typ").unwrap_or_default())
+            )],
         },
         Reason::UnsupportedAlg => {
-            let allowed = decision
-                .issuer
-                .map(|i| policy.issuers[i].algorithms.iter().map(|a| a.name()).collect::<Vec<_>>().join(", "))
-                .unwrap_or_default();
+            let issuer = decision.issuer.or_else(|| peeked_str(&peeked, "iss").and_then(|i| policy.issuer_by_iss(&i)));
+            let allowed = match issuer {
+                Some(i) => format!(
+                    "issuer {}'s allowed algorithms ({})",
+                    policy.issuers[i].name,
+                    policy.issuers[i].algorithms.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
+                ),
+                None => "an algorithm on the issuer's `algorithms` list".to_owned(),
+            };
             vec![format!(
-                "sign with one of the issuer's allowed algorithms ({allowed}) — in Keycloak: Realm settings > Tokens > Default signature algorithm — or add the algorithm to `algorithms`; `none` and HS* are never accepted"
+                "sign with {allowed} — in Keycloak: Realm settings > Keys, and the client's access token signature algorithm — or add the algorithm to `algorithms`; `none` and HS* are never accepted"
             )]
         }
-        Reason::UnknownIssuer => claims.map_or_else(Vec::new, |c| unknown_issuer(policy, route, c)),
+        Reason::UnknownIssuer => match claims {
+            Some(c) => unknown_issuer(policy, route, c),
+            None => vec![
+                "the token names no issuer (`iss`): send an access token from a configured issuer".to_owned(),
+            ],
+        },
         Reason::UnknownKid => {
             let kid = parsed.as_ref().and_then(|p| p.header.kid.clone()).unwrap_or_default();
             let published = keys.map(|k| k.kids().join(", ")).unwrap_or_default();
             vec![format!(
                 "the issuer publishes kids [{published}], not `{}`: its keys were rotated or the realm was re-created after this token was issued, or the token comes from another realm or environment; get a new token",
-                jwt::printable(&kid)
+                jwt::readable(&kid)
             )]
         }
-        Reason::BadSignature => vec![
-            "the token was not signed by the key the issuer publishes under its kid: a token from another environment with the same kid, or a token altered in transit; get a new token from the configured issuer".to_owned(),
-        ],
+        Reason::BadSignature => vec![match parsed.as_ref().and_then(|p| p.header.kid.as_deref()) {
+            Some(kid) => format!(
+                "the token was not signed by the key the issuer publishes as `{}`: a token from another environment with the same kid, or a token altered in transit; get a new token from the configured issuer",
+                jwt::readable(kid)
+            ),
+            None => "no key the issuer publishes verifies this token (it names no kid, so each fitting key was tried): a token from another environment, or altered in transit; get a new token from the configured issuer".to_owned(),
+        }],
         Reason::Expired | Reason::NotYetValid => vec![
             "get a new token; if the times look wrong, compare this host's clock with the issuer's (NTP), or raise the issuer's `leeway`".to_owned(),
         ],
@@ -125,7 +150,7 @@ fn issuer_core(iss: &str) -> &str {
 }
 
 fn unknown_issuer(policy: &Policy, route: Option<&Route>, claims: &Claims) -> Vec<String> {
-    let iss = jwt::printable(&claims.iss);
+    let iss = jwt::readable(&claims.iss);
     if let Some(id) = policy.issuer_by_iss(&claims.iss) {
         let name = &policy.issuers[id].name;
         return vec![format!(
@@ -175,8 +200,8 @@ fn insufficient_scope(route: Option<&Route>) -> Vec<String> {
 /// A claim for display: strings plain, anything else as JSON.
 pub fn show(v: &Value) -> String {
     match v {
-        Value::String(s) => jwt::printable(s),
-        other => jwt::printable(&other.to_string()),
+        Value::String(s) => jwt::readable(s),
+        other => jwt::readable(&other.to_string()),
     }
 }
 

@@ -147,9 +147,15 @@ pub struct UnverifiedToken<'t> {
 pub struct VerifiedToken {
     claims: Arc<Claims>,
     issuer: IssuerId,
+    /// The `kid` of the key that verified it (`None`: the key has none, or not checked).
+    key_id: Option<String>,
 }
 
 impl VerifiedToken {
+    pub fn key_id(&self) -> Option<&str> {
+        self.key_id.as_deref()
+    }
+
     pub fn claims(&self) -> &Claims {
         &self.claims
     }
@@ -320,27 +326,14 @@ pub fn verify(
     keys: &KeySet,
     now: i64,
 ) -> Result<VerifiedToken, Denial> {
-    let alg = Alg::from_name(&token.header.alg)
-        .filter(|a| issuer.algorithms.contains(a))
-        .ok_or_else(|| {
-            let allowed: Vec<&str> = issuer.algorithms.iter().map(|a| a.name()).collect();
-            Denial::new(
-                Reason::UnsupportedAlg,
-                format!(
-                    "alg `{}` is not allowed for issuer {}; allowed: {}",
-                    token.header.alg,
-                    issuer.name,
-                    allowed.join(", ")
-                ),
-            )
-        })?;
+    let alg = allowed_alg(&token, issuer)?;
     let kid = token.header.kid.as_deref();
     let mut tried = 0;
-    let mut verified = false;
+    let mut verified_by = None;
     for key in keys.candidates(kid, alg) {
         tried += 1;
         if check_signature(&token, key, alg) {
-            verified = true;
+            verified_by = Some(key);
             break;
         }
     }
@@ -355,17 +348,52 @@ pub fn verify(
         };
         return Err(Denial::new(Reason::UnknownKid, description));
     }
-    if !verified {
+    let Some(key) = verified_by else {
         return Err(Denial::new(
             Reason::BadSignature,
             format!("the signature does not verify with issuer {}'s key", issuer.name),
         ));
-    }
+    };
     check_times(&token.claims, issuer.leeway, now)?;
     Ok(VerifiedToken {
         claims: Arc::new(token.claims),
         issuer: issuer_id,
+        key_id: key.kid.clone(),
     })
+}
+
+/// Every check of [`verify`] except the signature. Only `audgate explain --no-verify` uses
+/// it, to explain a token whose keys are not at hand; it says so loudly.
+pub fn accept_without_signature(
+    token: UnverifiedToken<'_>,
+    issuer_id: IssuerId,
+    issuer: &Issuer,
+    now: i64,
+) -> Result<VerifiedToken, Denial> {
+    allowed_alg(&token, issuer)?;
+    check_times(&token.claims, issuer.leeway, now)?;
+    Ok(VerifiedToken {
+        claims: Arc::new(token.claims),
+        issuer: issuer_id,
+        key_id: None,
+    })
+}
+
+fn allowed_alg(token: &UnverifiedToken<'_>, issuer: &Issuer) -> Result<Alg, Denial> {
+    Alg::from_name(&token.header.alg)
+        .filter(|a| issuer.algorithms.contains(a))
+        .ok_or_else(|| {
+            let allowed: Vec<&str> = issuer.algorithms.iter().map(|a| a.name()).collect();
+            Denial::new(
+                Reason::UnsupportedAlg,
+                format!(
+                    "alg `{}` is not allowed for issuer {}; allowed: {}",
+                    token.header.alg,
+                    issuer.name,
+                    allowed.join(", ")
+                ),
+            )
+        })
 }
 
 fn check_signature(token: &UnverifiedToken<'_>, key: &crate::jwks::Key, alg: Alg) -> bool {
@@ -409,8 +437,8 @@ pub fn check_times(claims: &Claims, leeway: i64, now: i64) -> Result<(), Denial>
     Ok(())
 }
 
-/// `252` -> `4 min 12 s`.
-fn ago(secs: i64) -> String {
+/// A span of seconds for people: `252` -> `4 min 12 s`.
+pub fn ago(secs: i64) -> String {
     let s = secs.max(0);
     match s {
         0..60 => format!("{s} s"),
@@ -426,6 +454,25 @@ pub fn printable(s: &str) -> String {
         .take(64)
         .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
         .collect()
+}
+
+pub type JsonObject = Map<String, Value>;
+
+/// A token's header and payload decoded without any check, for display and hints only (a
+/// token `parse` refuses can still say what it is). Never used to decide.
+pub fn peek(token: &str) -> (Option<JsonObject>, Option<JsonObject>) {
+    let mut parts = token.split('.');
+    let mut decode = || -> Option<JsonObject> {
+        let bytes = URL_SAFE_NO_PAD.decode(parts.next()?.trim_end_matches('=')).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    };
+    let header = decode();
+    (header, decode())
+}
+
+/// A value from the token for a person to read: control characters replaced, not shortened.
+pub fn readable(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// A JSON object whose keys must be unique: `{"alg":"RS256","alg":"none"}` means different

@@ -69,6 +69,29 @@ pub fn evaluate<'p>(
     keys: impl Fn(IssuerId) -> Option<Arc<KeySet>>,
     now: i64,
 ) -> Decision<'p> {
+    decide(policy, input, &|token, id| {
+        let issuer = &policy.issuers[id];
+        let key_set = keys(id).ok_or_else(|| {
+            Denial::new(
+                Reason::KeysUnavailable,
+                format!("the keys of issuer {} have not been loaded yet", issuer.name),
+            )
+        })?;
+        jwt::verify(token, id, issuer, &key_set, now)
+    })
+}
+
+/// [`evaluate`] with every check but the signature: for `audgate explain --no-verify` only,
+/// which says loudly that the signature was not checked. Never used to answer a request.
+pub fn evaluate_without_signature<'p>(policy: &'p Policy, input: &CheckInput<'_>, now: i64) -> Decision<'p> {
+    decide(policy, input, &|token, id| {
+        jwt::accept_without_signature(token, id, &policy.issuers[id], now)
+    })
+}
+
+type Verifier<'v> = dyn Fn(jwt::UnverifiedToken<'_>, IssuerId) -> Result<VerifiedToken, Denial> + 'v;
+
+fn decide<'p>(policy: &'p Policy, input: &CheckInput<'_>, verify: &Verifier<'_>) -> Decision<'p> {
     let route = match policy.routes.select(input) {
         Selected::Route(route) => route,
         Selected::NoRoute { hint: Some(name) } => {
@@ -97,7 +120,7 @@ pub fn evaluate<'p>(
         return Decision::allow(Some(route), Reason::Anonymous);
     }
     let mut issuer = None;
-    let verified = authenticate(policy, route, input, &keys, now, &mut issuer);
+    let verified = authenticate(policy, route, input, verify, &mut issuer);
     let mut decision = match verified {
         Err(denial) => Decision::deny(Some(route), denial),
         Ok(token) => match claims::authorize(route, token.claims()) {
@@ -121,8 +144,7 @@ fn authenticate(
     policy: &Policy,
     route: &Route,
     input: &CheckInput<'_>,
-    keys: &impl Fn(IssuerId) -> Option<Arc<KeySet>>,
-    now: i64,
+    verify: &Verifier<'_>,
     issuer: &mut Option<IssuerId>,
 ) -> Result<VerifiedToken, Denial> {
     let raw = token::extract(&policy.token, input)?;
@@ -147,14 +169,5 @@ fn authenticate(
             ),
         ));
     }
-    let key_set = keys(id).ok_or_else(|| {
-        Denial::new(
-            Reason::KeysUnavailable,
-            format!(
-                "the keys of issuer {} have not been loaded yet",
-                policy.issuers[id].name
-            ),
-        )
-    })?;
-    jwt::verify(parsed, id, &policy.issuers[id], &key_set, now)
+    verify(parsed, id)
 }

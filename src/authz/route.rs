@@ -131,10 +131,22 @@ pub struct Match {
 
 impl Match {
     pub fn matches(&self, input: &CheckInput<'_>) -> bool {
+        self.mismatch(input).is_none()
+    }
+
+    /// The first part of the match the request fails (`"host"`, `"path"`, `"method"`).
+    pub fn mismatch(&self, input: &CheckInput<'_>) -> Option<&'static str> {
         let host = input.hostname();
-        (self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(host)))
-            && (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(input.method)))
-            && self.path.matches(input.path_only())
+        if !(self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(host))) {
+            return Some("host");
+        }
+        if !self.path.matches(input.path_only()) {
+            return Some("path");
+        }
+        if !(self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(input.method))) {
+            return Some("method");
+        }
+        None
     }
 }
 

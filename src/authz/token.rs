@@ -45,6 +45,14 @@ impl Default for TokenConfig {
 /// The token the request carries. Every configured source is read: two different tokens are
 /// refused rather than one picked, since the upstream may read the other one.
 pub fn extract<'a>(config: &TokenConfig, input: &CheckInput<'a>) -> Result<Cow<'a, str>, Denial> {
+    locate(config, input).map(|(token, _)| token)
+}
+
+/// [`extract`], also saying which source the token came from.
+pub fn locate<'a, 'c>(
+    config: &'c TokenConfig,
+    input: &CheckInput<'a>,
+) -> Result<(Cow<'a, str>, &'c TokenSource), Denial> {
     let mut found: Option<(Cow<'a, str>, &TokenSource)> = None;
     for source in &config.sources {
         for candidate in candidates(source, input)? {
@@ -69,7 +77,7 @@ pub fn extract<'a>(config: &TokenConfig, input: &CheckInput<'a>) -> Result<Cow<'
             }
         }
     }
-    found.map(|(t, _)| t).ok_or_else(|| {
+    found.ok_or_else(|| {
         let places: Vec<String> = config.sources.iter().map(ToString::to_string).collect();
         Denial::new(
             Reason::MissingToken,

@@ -45,7 +45,7 @@ fn diag<T>(at: &S<T>, message: impl Into<String>) -> Diagnostic {
 }
 
 /// A parser or type error from serde-saphyr, as one diagnostic.
-pub(super) fn yaml_error(e: &serde_saphyr::Error) -> Diagnostic {
+pub fn yaml_error(e: &serde_saphyr::Error) -> Diagnostic {
     let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
     let mut message = e.without_snippet().to_string();
     // serde-saphyr prefixes "line L column C: " (or "error: ..."); we print our own position.
@@ -91,6 +91,7 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
         policy,
         key_sources,
         http_endpoint,
+        admin_explain: raw.admin.explain,
         hash: hash_text(text),
     };
     Ok((config, d.warnings))

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::authz::Policy;
 
-pub use compile::{hash_text, parse_duration};
+pub use compile::{hash_text, parse_duration, yaml_error as yaml_diagnostic};
 
 /// A validated, compiled config.
 #[derive(Debug, Clone)]
@@ -23,6 +23,8 @@ pub struct Config {
     /// Where each issuer's keys come from, indexed like `policy.issuers`.
     pub key_sources: Vec<KeySourceConfig>,
     pub http_endpoint: HttpEndpoint,
+    /// Serve `audgate.v1.Admin/Explain` on the admin listener (`admin: {explain: true}`).
+    pub admin_explain: bool,
     /// Hex digest of the file's bytes (the `audgate_config_info` label).
     pub hash: String,
 }

@@ -20,6 +20,16 @@ pub struct RawConfig {
     pub routes: Vec<S<RawRoute>>,
     pub default: Option<DefaultKeyword>,
     pub http_endpoint: Option<RawHttpEndpoint>,
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Serve `audgate.v1.Admin/Explain` on the admin listener.
+    #[serde(default)]
+    pub explain: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

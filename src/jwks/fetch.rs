@@ -18,6 +18,19 @@ pub struct Fetcher {
     client: reqwest::Client,
 }
 
+/// One GET as `audgate doctor` reports it: any HTTP status, with the response headers, the
+/// body (capped at [`MAX_DOCUMENT_BYTES`]) and how long it took.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The URL that answered (after redirects).
+    pub url: String,
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+    /// From sending the request to the end of the body.
+    pub elapsed: Duration,
+}
+
 /// A fetched key set and the bytes it came from (to tell whether it changed).
 pub struct Fetched {
     pub keys: KeySet,
@@ -82,6 +95,31 @@ impl Fetcher {
             .ok_or_else(|| format!("discovery document {url} has no jwks_uri"))
     }
 
+    /// GET `url` with the same client settings as [`Fetcher::fetch`] (timeouts, redirects,
+    /// `ca_file`, size cap) and return the answer whatever its status. `Err` only when no
+    /// complete answer arrived: unreachable, TLS, timeout, a body over [`MAX_DOCUMENT_BYTES`].
+    pub async fn probe(&self, url: &str) -> Result<Probe, String> {
+        let started = std::time::Instant::now();
+        let mut response = self
+            .client
+            .get(url)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let final_url = response.url().to_string();
+        let body = read_capped(&mut response, url).await?;
+        Ok(Probe {
+            url: final_url,
+            status,
+            headers,
+            body,
+            elapsed: started.elapsed(),
+        })
+    }
+
     /// GET a document, refusing non-2xx answers and bodies over [`MAX_DOCUMENT_BYTES`].
     async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
         let mut response = self
@@ -94,19 +132,24 @@ impl Fetcher {
         if !response.status().is_success() {
             return Err(format!("GET {url}: HTTP {}", response.status()));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?
-        {
-            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
-                return Err(format!("GET {url}: body is over {MAX_DOCUMENT_BYTES} bytes"));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        read_capped(&mut response, url).await
     }
+}
+
+/// Read a response body, refusing one over [`MAX_DOCUMENT_BYTES`].
+async fn read_capped(response: &mut reqwest::Response, url: &str) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?
+    {
+        if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+            return Err(format!("GET {url}: body is over {MAX_DOCUMENT_BYTES} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// reqwest's Display stops at the outermost error; the cause (refused, TLS, timeout) is inside.

@@ -1,0 +1,205 @@
+//! The one-shot commands behind the CLI (`explain`, `test`, `doctor`): load what they need,
+//! run, print, and return the exit code. `main.rs` only parses arguments.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::authz::{IssuerId, jwt};
+use crate::config::{self, Config};
+use crate::explain::{self, Signatures};
+use crate::jwks::{IssuerKeys, KeySet, Refreshed};
+
+/// Exit code for usage errors, bad configs and keys that cannot be loaded.
+pub const EXIT_ERROR: u8 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// What `audgate explain` was asked.
+pub struct ExplainOptions {
+    pub config: PathBuf,
+    pub request: explain::Request,
+    /// Keys for the token's issuer from this JWKS file instead of the config's source.
+    pub jwks: Option<PathBuf>,
+    pub no_verify: bool,
+    pub format: Format,
+    /// Evaluate as of this Unix time instead of now.
+    pub at: Option<i64>,
+}
+
+fn load(path: &Path) -> Result<Config, String> {
+    config::load(path).map(|l| l.config).map_err(|e| e.to_string())
+}
+
+/// The token from `--token`, or from standard input (trimmed; empty means none).
+pub fn token_from_stdin() -> Option<String> {
+    let mut text = String::new();
+    if std::io::stdin().read_to_string(&mut text).is_err() {
+        return None;
+    }
+    let token = text.trim();
+    let token = token.strip_prefix("Bearer ").unwrap_or(token).trim();
+    (!token.is_empty()).then(|| token.to_owned())
+}
+
+/// Print to stdout; a closed pipe (`| head`) is not an error worth a panic.
+pub fn print_out(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// `audgate explain` against the config file.
+pub fn explain(options: ExplainOptions) -> u8 {
+    let config = match load(&options.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return EXIT_ERROR;
+        }
+    };
+    let policy = &config.policy;
+    let issuer = options
+        .request
+        .token
+        .as_deref()
+        .and_then(|t| jwt::parse(t).ok())
+        .and_then(|p| policy.issuer_by_iss(&p.claims.iss));
+    let keys = match (options.no_verify, issuer) {
+        (false, Some(id)) => match issuer_keys(&config, id, options.jwks.as_deref()) {
+            Ok(keys) => Some(keys),
+            Err(e) => {
+                eprintln!("{e}");
+                return EXIT_ERROR;
+            }
+        },
+        _ => None,
+    };
+    let signatures = if options.no_verify {
+        Signatures::Skip
+    } else {
+        Signatures::Verify
+    };
+    let now = options.at.unwrap_or_else(crate::check::unix_now);
+    let e = explain::explain(
+        policy,
+        &options.request,
+        |id| keys.clone().filter(|_| Some(id) == issuer),
+        signatures,
+        now,
+    );
+    let text = match options.format {
+        Format::Text => explain::render_text(&e),
+        Format::Json => serde_json::to_string_pretty(&e).unwrap_or_default() + "\n",
+    };
+    print_out(&text);
+    e.exit_code()
+}
+
+/// `audgate explain --server HOST:PORT`: the running instance's config and keys decide.
+pub fn explain_remote(server: &str, options: ExplainOptions) -> u8 {
+    let r = &options.request;
+    let request = crate::admin_api::pb::ExplainRequest {
+        route: r.route.clone().unwrap_or_default(),
+        host: r.host.clone(),
+        path: r.path.clone(),
+        method: r.method.clone(),
+        token: r.token.clone().unwrap_or_default(),
+        no_verify: options.no_verify,
+        at: options.at.unwrap_or(0),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    match runtime.block_on(crate::admin_api::explain_remote(server, request)) {
+        Ok(answer) => {
+            match options.format {
+                Format::Text => print_out(&answer.text),
+                Format::Json => print_out(&(answer.json + "\n")),
+            }
+            u8::try_from(answer.exit_code).unwrap_or(EXIT_ERROR)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_ERROR
+        }
+    }
+}
+
+/// The issuer's keys: from `--jwks`, else fetched once from the config's source.
+fn issuer_keys(config: &Config, id: IssuerId, jwks: Option<&Path>) -> Result<Arc<KeySet>, String> {
+    let name = &config.policy.issuers[id].name;
+    if let Some(path) = jwks {
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        return KeySet::parse(&bytes)
+            .map(Arc::new)
+            .map_err(|e| format!("{}: {e}", path.display()));
+    }
+    let keys = IssuerKeys::new(name.clone(), config.key_sources[id].clone())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    match runtime.block_on(keys.refresh()) {
+        Refreshed::Ok { .. } => keys.current().ok_or_else(|| format!("issuer {name}: no keys")),
+        Refreshed::Failed(e) => Err(format!(
+            "the keys of issuer {name} cannot be loaded ({}): {e}\n(--jwks FILE explains with keys from a file, --no-verify without checking the signature)",
+            config.key_sources[id].source
+        )),
+    }
+}
+
+/// `audgate test`: exit 0 when every case passes, 1 on a failure, 2 when the config or a
+/// cases file does not load.
+pub fn policy_test(config_path: &Path, files: &[PathBuf]) -> u8 {
+    let config = match load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return EXIT_ERROR;
+        }
+    };
+    let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    match crate::policy_test::run(&config.policy, &files, crate::check::unix_now()) {
+        Ok(report) => {
+            print_out(&report.text);
+            u8::from(report.failed > 0)
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{e}");
+            }
+            EXIT_ERROR
+        }
+    }
+}
+
+/// `audgate doctor`: exit 0 when every issuer is usable, 1 when one is not, 2 when the config
+/// does not load.
+pub fn doctor(config_path: &Path) -> u8 {
+    let config = match load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return EXIT_ERROR;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    let mut report = String::new();
+    let usable = runtime.block_on(crate::doctor::run(&config, &mut report));
+    print_out(&report);
+    u8::from(!usable)
+}
