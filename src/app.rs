@@ -81,7 +81,7 @@ impl State {
         KeyStore::spawn_refresh(fresh);
         metrics::set_config_info(Some(&current.config.hash), &config.hash);
         tracing::info!(hash = %config.hash, "config loaded");
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot { config, keys });
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot::new(config, keys));
         Ok(())
     }
 }
@@ -126,7 +126,7 @@ pub async fn run(
     metrics::set_config_info(None, &config.hash);
     let listen = config.listen.clone();
     let admin_explain = config.admin_explain;
-    let state = Arc::new(State::new(Snapshot { config, keys }, config_path));
+    let state = Arc::new(State::new(Snapshot::new(config, keys), config_path));
 
     let grpc_listener = bind(listen.grpc, "gRPC ext_authz (listen.grpc)").await?;
     let http_listener = bind(listen.http, "HTTP authorization (listen.http)").await?;

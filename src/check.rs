@@ -8,11 +8,22 @@ use crate::authz::{self, CheckInput, Decision, Reason};
 use crate::config::Config;
 use crate::jwks::KeyStore;
 use crate::metrics;
+use crate::token_cache::TokenCache;
 
-/// A config with the key caches of its issuers: what every check reads.
+/// A config with the key caches of its issuers and its verified-token cache: what every
+/// check reads. A reload starts a new token cache (issuer indexes may change), while
+/// unchanged issuers keep their keys.
 pub struct Snapshot {
     pub config: Config,
     pub keys: KeyStore,
+    pub tokens: TokenCache,
+}
+
+impl Snapshot {
+    pub fn new(config: Config, keys: KeyStore) -> Snapshot {
+        let tokens = TokenCache::new(&config.token_cache);
+        Snapshot { config, keys, tokens }
+    }
 }
 
 impl Snapshot {
@@ -38,11 +49,12 @@ pub async fn check<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>) -> Decisi
     let started = Instant::now();
     let policy = &snapshot.config.policy;
     let keys = |id| snapshot.keys.current(id);
-    let mut decision = authz::evaluate(policy, input, keys, unix_now());
+    let memo = snapshot.tokens.view(&snapshot.keys);
+    let mut decision = authz::evaluate_with_memo(policy, input, keys, &memo, unix_now());
     if let (Reason::UnknownKid | Reason::KeysUnavailable, Some(id)) = (decision.reason, decision.issuer) {
         let issuer = snapshot.keys.issuer(id);
         if issuer.refetch_for_unknown_kid(issuer.generation()).await {
-            decision = authz::evaluate(policy, input, keys, unix_now());
+            decision = authz::evaluate_with_memo(policy, input, keys, &memo, unix_now());
         }
     }
     let elapsed = started.elapsed();

@@ -9,6 +9,8 @@
 //! - [`config`]: YAML -> validated [`config::Config`], every error with file:line:column.
 //! - [`jwks`]: JWKS parsing (pure), fetching (discovery, URL, file) and the per-issuer cache
 //!   with periodic refresh and rate-limited refetch on an unknown `kid`.
+//! - [`token_cache`]: the verified-token cache (bounded, keyed by a token hash, dropped when
+//!   the issuer's keys change).
 //! - [`check`]: one check end to end: evaluate, refetch keys once when the core asks, log.
 //! - [`grpc`]: Envoy's `envoy.service.auth.v3.Authorization` over tonic; the only module that
 //!   touches envoy-types.
@@ -43,3 +45,4 @@ pub mod metrics;
 pub mod policy_test;
 pub mod reload;
 pub mod summary;
+pub mod token_cache;

@@ -17,6 +17,8 @@ const JWKS_REFRESH: &str = "audgate_jwks_refresh_total";
 const JWKS_KEYS: &str = "audgate_jwks_keys";
 const CONFIG_RELOADS: &str = "audgate_config_reloads_total";
 const CONFIG_INFO: &str = "audgate_config_info";
+const CACHE_HITS: &str = "audgate_token_cache_hits_total";
+const CACHE_MISSES: &str = "audgate_token_cache_misses_total";
 
 /// Check latency buckets, in seconds: from a cache hit (tens of µs) to a JWKS refetch.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -39,6 +41,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_gauge!(JWKS_KEYS, "Usable signing keys in the issuer's current key set.");
     describe_counter!(CONFIG_RELOADS, "Config reloads, by result.");
     describe_gauge!(CONFIG_INFO, "1 for the hash of the loaded config.");
+    describe_counter!(CACHE_HITS, "Tokens found in the verified-token cache.");
+    describe_counter!(CACHE_MISSES, "Tokens verified because the cache did not have them.");
+    counter!(CACHE_HITS).absolute(0);
+    counter!(CACHE_MISSES).absolute(0);
     for result in ["ok", "error"] {
         counter!(CONFIG_RELOADS, "result" => result).absolute(0);
     }
@@ -49,6 +55,10 @@ pub fn record_check(route: &str, verdict: Verdict, reason: Reason, elapsed: Dura
     counter!(CHECKS, "route" => route.to_owned(), "decision" => verdict.label(), "reason" => reason.code())
         .increment(1);
     histogram!(CHECK_DURATION, "route" => route.to_owned()).record(elapsed.as_secs_f64());
+}
+
+pub fn record_token_cache(hit: bool) {
+    counter!(if hit { CACHE_HITS } else { CACHE_MISSES }).increment(1);
 }
 
 pub fn record_jwks_refresh(issuer: &str, ok: bool) {

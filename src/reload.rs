@@ -18,6 +18,9 @@ use crate::{config, metrics};
 const DEBOUNCE: Duration = Duration::from_millis(200);
 /// The periodic check; keeps "picked up within 5 s" true even if no event arrives.
 const POLL: Duration = Duration::from_secs(2);
+/// A changed file is read twice this far apart and used only if both reads agree, so a file
+/// caught while an editor rewrites it in place is not taken for the new config.
+const SETTLE: Duration = Duration::from_millis(100);
 
 /// Watch for config changes until `stop` turns true.
 pub async fn watch(state: Arc<State>, mut stop: watch::Receiver<bool>) {
@@ -42,14 +45,14 @@ pub async fn watch(state: Arc<State>, mut stop: watch::Receiver<bool>) {
             }
             Some(()) = async { hangup.as_mut()?.recv().await } => {
                 tracing::info!("SIGHUP: reloading {}", state.config_path.display());
-                reloader.reload(&state, true);
+                reloader.reload(&state, true).await;
             }
             Some(()) = events.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while events.try_recv().is_ok() {}
-                reloader.reload(&state, false);
+                reloader.reload(&state, false).await;
             }
-            _ = poll.tick() => reloader.reload(&state, false),
+            _ = poll.tick() => reloader.reload(&state, false).await,
         }
     }
 }
@@ -80,6 +83,14 @@ fn watch_directory(path: &Path, events: mpsc::Sender<()>) -> Option<notify::Reco
     Some(watcher)
 }
 
+/// The file's content once two reads [`SETTLE`] apart agree; `None` while it is changing.
+async fn read_settled(path: &Path) -> std::io::Result<Option<String>> {
+    let first = tokio::fs::read_to_string(path).await?;
+    tokio::time::sleep(SETTLE).await;
+    let second = tokio::fs::read_to_string(path).await?;
+    Ok((first == second).then_some(second))
+}
+
 /// Remembers the last content that failed, so a broken file is reported once, not every poll.
 #[derive(Default)]
 struct Reloader {
@@ -88,10 +99,11 @@ struct Reloader {
 }
 
 impl Reloader {
-    fn reload(&mut self, state: &State, forced: bool) {
+    async fn reload(&mut self, state: &State, forced: bool) {
         let path = &state.config_path;
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => {
+        let text = match read_settled(path).await {
+            Ok(None) => return, // being written: the next event or poll reads it
+            Ok(Some(text)) => {
                 self.read_error = None;
                 text
             }

@@ -149,11 +149,17 @@ pub struct VerifiedToken {
     issuer: IssuerId,
     /// The `kid` of the key that verified it (`None`: the key has none, or not checked).
     key_id: Option<String>,
+    /// The generation of the key set that verified it.
+    key_generation: u64,
 }
 
 impl VerifiedToken {
     pub fn key_id(&self) -> Option<&str> {
         self.key_id.as_deref()
+    }
+
+    pub fn key_generation(&self) -> u64 {
+        self.key_generation
     }
 
     pub fn claims(&self) -> &Claims {
@@ -359,6 +365,7 @@ pub fn verify(
         claims: Arc::new(token.claims),
         issuer: issuer_id,
         key_id: key.kid.clone(),
+        key_generation: keys.generation(),
     })
 }
 
@@ -376,6 +383,7 @@ pub fn accept_without_signature(
         claims: Arc::new(token.claims),
         issuer: issuer_id,
         key_id: None,
+        key_generation: 0,
     })
 }
 

@@ -61,6 +61,24 @@ impl Policy {
     }
 }
 
+/// Where verified tokens may be remembered between requests (the adapter's token cache).
+/// `get` answers only with a token that is still good under its issuer's current keys; the
+/// core still checks its times and runs the route's rule on it.
+pub trait TokenMemo {
+    fn get(&self, token: &str) -> Option<VerifiedToken>;
+    fn put(&self, token: &str, verified: &VerifiedToken);
+}
+
+/// No memory: every token is verified.
+pub struct NoMemo;
+
+impl TokenMemo for NoMemo {
+    fn get(&self, _: &str) -> Option<VerifiedToken> {
+        None
+    }
+    fn put(&self, _: &str, _: &VerifiedToken) {}
+}
+
 /// Decide on one request. `keys` returns an issuer's current key set, `None` while it has
 /// never loaded; `now` is Unix seconds.
 pub fn evaluate<'p>(
@@ -69,7 +87,18 @@ pub fn evaluate<'p>(
     keys: impl Fn(IssuerId) -> Option<Arc<KeySet>>,
     now: i64,
 ) -> Decision<'p> {
-    decide(policy, input, &|token, id| {
+    evaluate_with_memo(policy, input, keys, &NoMemo, now)
+}
+
+/// [`evaluate`], reusing tokens `memo` verified before and remembering new ones.
+pub fn evaluate_with_memo<'p>(
+    policy: &'p Policy,
+    input: &CheckInput<'_>,
+    keys: impl Fn(IssuerId) -> Option<Arc<KeySet>>,
+    memo: &dyn TokenMemo,
+    now: i64,
+) -> Decision<'p> {
+    let verify = |token: jwt::UnverifiedToken<'_>, id: IssuerId| {
         let issuer = &policy.issuers[id];
         let key_set = keys(id).ok_or_else(|| {
             Denial::new(
@@ -78,20 +107,29 @@ pub fn evaluate<'p>(
             )
         })?;
         jwt::verify(token, id, issuer, &key_set, now)
-    })
+    };
+    decide(policy, input, &verify, memo, now)
 }
 
 /// [`evaluate`] with every check but the signature: for `audgate explain --no-verify` only,
-/// which says loudly that the signature was not checked. Never used to answer a request.
+/// which says loudly that the signature was not checked. Never used to answer a request, and
+/// never remembered.
 pub fn evaluate_without_signature<'p>(policy: &'p Policy, input: &CheckInput<'_>, now: i64) -> Decision<'p> {
-    decide(policy, input, &|token, id| {
+    let verify = |token: jwt::UnverifiedToken<'_>, id: IssuerId| {
         jwt::accept_without_signature(token, id, &policy.issuers[id], now)
-    })
+    };
+    decide(policy, input, &verify, &NoMemo, now)
 }
 
 type Verifier<'v> = dyn Fn(jwt::UnverifiedToken<'_>, IssuerId) -> Result<VerifiedToken, Denial> + 'v;
 
-fn decide<'p>(policy: &'p Policy, input: &CheckInput<'_>, verify: &Verifier<'_>) -> Decision<'p> {
+fn decide<'p>(
+    policy: &'p Policy,
+    input: &CheckInput<'_>,
+    verify: &Verifier<'_>,
+    memo: &dyn TokenMemo,
+    now: i64,
+) -> Decision<'p> {
     let route = match policy.routes.select(input) {
         Selected::Route(route) => route,
         Selected::NoRoute { hint: Some(name) } => {
@@ -120,7 +158,7 @@ fn decide<'p>(policy: &'p Policy, input: &CheckInput<'_>, verify: &Verifier<'_>)
         return Decision::allow(Some(route), Reason::Anonymous);
     }
     let mut issuer = None;
-    let verified = authenticate(policy, route, input, verify, &mut issuer);
+    let verified = authenticate(policy, route, input, verify, memo, now, &mut issuer);
     let mut decision = match verified {
         Err(denial) => Decision::deny(Some(route), denial),
         Ok(token) => match claims::authorize(route, token.claims()) {
@@ -140,14 +178,24 @@ fn decide<'p>(policy: &'p Policy, input: &CheckInput<'_>, verify: &Verifier<'_>)
 }
 
 /// Token extraction through verification; `issuer` is set as soon as the token names one.
+/// A remembered token skips parsing and the signature, never the issuer or time checks.
 fn authenticate(
     policy: &Policy,
     route: &Route,
     input: &CheckInput<'_>,
     verify: &Verifier<'_>,
+    memo: &dyn TokenMemo,
+    now: i64,
     issuer: &mut Option<IssuerId>,
 ) -> Result<VerifiedToken, Denial> {
     let raw = token::extract(&policy.token, input)?;
+    if let Some(known) = memo.get(&raw) {
+        let id = known.issuer();
+        *issuer = Some(id);
+        check_route_issuer(policy, route, id)?;
+        jwt::check_times(known.claims(), policy.issuers[id].leeway, now)?;
+        return Ok(known);
+    }
     let parsed = jwt::parse(&raw)?;
     let iss = &parsed.claims.iss;
     let id = policy.issuer_by_iss(iss).ok_or_else(|| {
@@ -157,17 +205,24 @@ fn authenticate(
         )
     })?;
     *issuer = Some(id);
-    if !route.accepts_issuer(id) {
-        let accepted: Vec<&str> = route.issuers.iter().map(|&i| policy.issuers[i].name.as_str()).collect();
-        return Err(Denial::new(
-            Reason::UnknownIssuer,
-            format!(
-                "issuer {} is not accepted on route {} (accepts {})",
-                policy.issuers[id].name,
-                route.name,
-                accepted.join(", ")
-            ),
-        ));
+    check_route_issuer(policy, route, id)?;
+    let verified = verify(parsed, id)?;
+    memo.put(&raw, &verified);
+    Ok(verified)
+}
+
+fn check_route_issuer(policy: &Policy, route: &Route, id: IssuerId) -> Result<(), Denial> {
+    if route.accepts_issuer(id) {
+        return Ok(());
     }
-    verify(parsed, id)
+    let accepted: Vec<&str> = route.issuers.iter().map(|&i| policy.issuers[i].name.as_str()).collect();
+    Err(Denial::new(
+        Reason::UnknownIssuer,
+        format!(
+            "issuer {} is not accepted on route {} (accepts {})",
+            policy.issuers[id].name,
+            route.name,
+            accepted.join(", ")
+        ),
+    ))
 }

@@ -92,6 +92,15 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
         key_sources,
         http_endpoint,
         admin_explain: raw.admin.explain,
+        token_cache: raw.token_cache.map_or_else(Default::default, |t| {
+            let defaults = super::TokenCacheConfig::default();
+            super::TokenCacheConfig {
+                max_entries: t
+                    .max_entries
+                    .map_or(defaults.max_entries, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+                max_bytes: t.max_bytes.unwrap_or(defaults.max_bytes),
+            }
+        }),
         hash: hash_text(text),
     };
     Ok((config, d.warnings))

@@ -25,6 +25,7 @@ pub struct Config {
     pub http_endpoint: HttpEndpoint,
     /// Serve `audgate.v1.Admin/Explain` on the admin listener (`admin: {explain: true}`).
     pub admin_explain: bool,
+    pub token_cache: TokenCacheConfig,
     /// Hex digest of the file's bytes (the `audgate_config_info` label).
     pub hash: String,
 }
@@ -42,6 +43,22 @@ impl Default for Listen {
             grpc: SocketAddr::from(([0, 0, 0, 0], 9191)),
             http: SocketAddr::from(([0, 0, 0, 0], 9192)),
             admin: SocketAddr::from(([0, 0, 0, 0], 9901)),
+        }
+    }
+}
+
+/// Bounds of the verified-token cache; 0 entries turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCacheConfig {
+    pub max_entries: usize,
+    pub max_bytes: u64,
+}
+
+impl Default for TokenCacheConfig {
+    fn default() -> Self {
+        TokenCacheConfig {
+            max_entries: 100_000,
+            max_bytes: 32 << 20,
         }
     }
 }
@@ -141,6 +158,14 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
 
 /// Parse and validate config text.
 pub fn parse(text: &str) -> Result<Loaded, Vec<Diagnostic>> {
+    if text.trim().is_empty() {
+        // also what a file caught mid-rewrite looks like: never a config to switch to
+        return Err(vec![Diagnostic {
+            line: 1,
+            column: 1,
+            message: "the config is empty".to_owned(),
+        }]);
+    }
     let raw: raw::RawConfig = serde_saphyr::from_str(text).map_err(|e| vec![compile::yaml_error(&e)])?;
     let (config, warnings) = compile::compile(raw, text)?;
     Ok(Loaded { config, warnings })

@@ -22,6 +22,14 @@ pub struct RawConfig {
     pub http_endpoint: Option<RawHttpEndpoint>,
     #[serde(default)]
     pub admin: RawAdmin,
+    pub token_cache: Option<RawTokenCache>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenCache {
+    pub max_entries: Option<u64>,
+    pub max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -122,8 +122,12 @@ impl IssuerKeys {
         let changed = fetched.document != state.document || self.current().is_none();
         if changed {
             state.document = fetched.document;
-            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fetched.keys));
-            self.generation.fetch_add(1, Ordering::AcqRel);
+            // the set carries its generation before it is published, so a token verified with
+            // it is never cached under an older generation
+            let generation = self.generation() + 1;
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+                Some(Arc::new(fetched.keys.with_generation(generation)));
+            self.generation.store(generation, Ordering::Release);
         }
         Refreshed::Ok { keys, changed }
     }

@@ -73,6 +73,9 @@ pub struct SkippedKey {
 pub struct KeySet {
     keys: Vec<Key>,
     skipped: Vec<SkippedKey>,
+    /// Which of its issuer's key sets this is (set by the key cache): tokens verified with
+    /// one generation are not reused from the token cache once another replaced it.
+    generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +114,15 @@ impl KeySet {
 
     pub fn keys(&self) -> &[Key] {
         &self.keys
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn with_generation(mut self, generation: u64) -> KeySet {
+        self.generation = generation;
+        self
     }
 
     pub fn skipped(&self) -> &[SkippedKey] {

@@ -1,0 +1,97 @@
+//! The verified-token cache (SPEC.md "Caching"): a token whose signature verified is
+//! remembered, keyed by the SHA-256 of the token, so the next request with it skips parsing
+//! and the signature. Bounded in entries and bytes (S3-FIFO eviction, quick_cache), never used
+//! past `exp` (the core re-checks times and runs the route's rule on every hit), and an entry is
+//! ignored once its issuer's key set changed: a withdrawn key stops working at the next
+//! refresh. Readers never block each other.
+
+use quick_cache::Weighter;
+use quick_cache::sync::Cache;
+
+use crate::authz::{TokenMemo, VerifiedToken};
+use crate::config::TokenCacheConfig;
+use crate::jwks::KeyStore;
+use crate::metrics;
+
+type Key = [u8; 32];
+
+/// Bytes an entry holds besides its payload: the key, the claim structs, map nodes.
+const ENTRY_OVERHEAD: u64 = 512;
+
+#[derive(Clone)]
+struct ByBytes {
+    /// Every entry weighs at least this much, so `max_bytes / floor` bounds the entry count.
+    floor: u64,
+}
+
+impl Weighter<Key, VerifiedToken> for ByBytes {
+    fn weight(&self, _: &Key, token: &VerifiedToken) -> u64 {
+        // the decoded payload is held twice (claims map and the base64 segment)
+        let payload = token.claims().payload_b64.len() as u64 * 2;
+        (payload + ENTRY_OVERHEAD).max(self.floor)
+    }
+}
+
+pub struct TokenCache {
+    cache: Option<Cache<Key, VerifiedToken, ByBytes>>,
+}
+
+impl TokenCache {
+    pub fn new(config: &TokenCacheConfig) -> TokenCache {
+        if config.max_entries == 0 || config.max_bytes == 0 {
+            return TokenCache { cache: None };
+        }
+        let floor = (config.max_bytes / config.max_entries as u64).max(1);
+        let estimated = config.max_entries.min(1 << 16);
+        TokenCache {
+            cache: Some(Cache::with_weighter(estimated, config.max_bytes, ByBytes { floor })),
+        }
+    }
+
+    /// The cache as the core sees it, for one check against `keys`.
+    pub fn view<'a>(&'a self, keys: &'a KeyStore) -> impl TokenMemo + 'a {
+        View { cache: self, keys }
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.as_ref().map_or(0, Cache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held, as weighed.
+    pub fn weight(&self) -> u64 {
+        self.cache.as_ref().map_or(0, Cache::weight)
+    }
+}
+
+fn key(token: &str) -> Key {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut key = [0; 32];
+    key.copy_from_slice(digest.as_ref());
+    key
+}
+
+struct View<'a> {
+    cache: &'a TokenCache,
+    keys: &'a KeyStore,
+}
+
+impl TokenMemo for View<'_> {
+    fn get(&self, token: &str) -> Option<VerifiedToken> {
+        let cache = self.cache.cache.as_ref()?;
+        let found = cache
+            .get(&key(token))
+            .filter(|t| t.key_generation() == self.keys.issuer(t.issuer()).generation());
+        metrics::record_token_cache(found.is_some());
+        found
+    }
+
+    fn put(&self, token: &str, verified: &VerifiedToken) {
+        if let Some(cache) = &self.cache.cache {
+            cache.insert(key(token), verified.clone());
+        }
+    }
+}
