@@ -148,7 +148,8 @@ pub struct VerifiedToken {
     claims: Arc<Claims>,
     issuer: IssuerId,
     /// The `kid` of the key that verified it (`None`: the key has none, or not checked).
-    key_id: Option<String>,
+    /// Shared, so a token served from the cache is cloned without allocating.
+    key_id: Option<Arc<str>>,
     /// The generation of the key set that verified it.
     key_generation: u64,
 }
@@ -364,7 +365,7 @@ pub fn verify(
     Ok(VerifiedToken {
         claims: Arc::new(token.claims),
         issuer: issuer_id,
-        key_id: key.kid.clone(),
+        key_id: key.kid.as_deref().map(Arc::from),
         key_generation: keys.generation(),
     })
 }
