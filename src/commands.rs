@@ -46,6 +46,15 @@ pub fn token_from_stdin() -> Option<String> {
     (!token.is_empty()).then(|| token.to_owned())
 }
 
+/// Run one future on a small runtime of its own (the one-shot commands are synchronous).
+fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map(|runtime| runtime.block_on(future))
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
 /// Print to stdout; a closed pipe (`| head`) is not an error worth a panic.
 pub fn print_out(text: &str) {
     use std::io::Write as _;
@@ -111,14 +120,7 @@ pub fn explain_remote(server: &str, options: ExplainOptions) -> u8 {
         no_verify: options.no_verify,
         at: options.at.unwrap_or(0),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return EXIT_ERROR;
-        }
-    };
-    match runtime.block_on(crate::admin_api::explain_remote(server, request)) {
+    match block_on(crate::admin_api::explain_remote(server, request)).and_then(|answer| answer) {
         Ok(answer) => {
             match options.format {
                 Format::Text => print_out(&answer.text),
@@ -143,11 +145,7 @@ fn issuer_keys(config: &Config, id: IssuerId, jwks: Option<&Path>) -> Result<Arc
             .map_err(|e| format!("{}: {e}", path.display()));
     }
     let keys = IssuerKeys::new(name.clone(), config.key_sources[id].clone())?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    match runtime.block_on(keys.refresh()) {
+    match block_on(keys.refresh())? {
         Refreshed::Ok { .. } => keys.current().ok_or_else(|| format!("issuer {name}: no keys")),
         Refreshed::Failed(e) => Err(format!(
             "the keys of issuer {name} cannot be loaded ({}): {e}\n(--jwks FILE explains with keys from a file, --no-verify without checking the signature)",
@@ -191,15 +189,15 @@ pub fn doctor(config_path: &Path) -> u8 {
             return EXIT_ERROR;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return EXIT_ERROR;
-        }
-    };
     let mut report = String::new();
-    let usable = runtime.block_on(crate::doctor::run(&config, &mut report));
-    print_out(&report);
-    u8::from(!usable)
+    match block_on(crate::doctor::run(&config, &mut report)) {
+        Ok(usable) => {
+            print_out(&report);
+            u8::from(!usable)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_ERROR
+        }
+    }
 }

@@ -122,17 +122,11 @@ impl Fetcher {
 
     /// GET a document, refusing non-2xx answers and bodies over [`MAX_DOCUMENT_BYTES`].
     async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
-        let mut response = self
-            .client
-            .get(url)
-            .header("accept", "application/json")
-            .send()
-            .await
-            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
-        if !response.status().is_success() {
-            return Err(format!("GET {url}: HTTP {}", response.status()));
+        let answer = self.probe(url).await?;
+        if !answer.status.is_success() {
+            return Err(format!("GET {url}: HTTP {}", answer.status));
         }
-        read_capped(&mut response, url).await
+        Ok(answer.body)
     }
 }
 
