@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/envoy-env.sh
 scripts/install-prometheus.sh
+scripts/install-validators.sh
 exec cargo test "$@"

@@ -2036,6 +2036,14 @@ impl Envoy {
         Self::launch(ports, ExtAuthzMode::Http { audgate_http_port }, &config).await
     }
 
+    /// Runs Envoy with a config the caller rendered itself (e.g. tests/e2e_istio.rs's
+    /// Istio-shaped filters). Its admin interface must listen on `127.0.0.1:{ports.admin}` (the
+    /// harness waits for `/ready` there); `ports` is only recorded, and [`Envoy::url`] uses
+    /// `ports.listen`.
+    pub async fn start_rendered(ports: EnvoyPorts, rendered: &str) -> Self {
+        Self::launch(ports, ExtAuthzMode::Grpc, rendered).await
+    }
+
     async fn launch(ports: EnvoyPorts, mode: ExtAuthzMode, rendered: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("audgate-envoy-")
@@ -2391,4 +2399,74 @@ impl Stack {
     pub fn logs(&self) -> String {
         format!("{}\n{}", self.audgate.logs(), self.envoy.logs())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// YAML files (deploy/, docs)
+// ---------------------------------------------------------------------------------------------
+
+/// Every document of a YAML text (`---` separated; empty documents skipped) as JSON values.
+/// `what` names the text in the panic message when it does not parse.
+pub fn yaml_documents_str(text: &str, what: &str) -> Vec<Value> {
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(text).unwrap_or_else(|e| panic!("{what} is not valid YAML: {e}"));
+    docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
+/// Every document of a YAML file as JSON values (see [`yaml_documents_str`]).
+pub fn yaml_documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    yaml_documents_str(&text, &path.display().to_string())
+}
+
+/// The one object with this `kind` and `metadata.name` among Kubernetes objects; panics with
+/// the kinds and names present when there is none (or more than one).
+pub fn find_object<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let found: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .collect();
+    match found.as_slice() {
+        [one] => one,
+        _ => {
+            let present: Vec<String> = objects
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{}/{}",
+                        o["kind"].as_str().unwrap_or("?"),
+                        o["metadata"]["name"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
+            panic!(
+                "expected exactly one {kind}/{name}, found {}; objects: {present:?}",
+                found.len()
+            )
+        }
+    }
+}
+
+/// An audgate config from deploy/ or the docs made runnable by the harness: its top-level
+/// `listen` section removed ([`Audgate::start`] adds loopback listeners) and every occurrence
+/// of `deploy_origin` (e.g. `https://sso.example.com`) replaced by `local_origin` (an
+/// [`IssuerServer`]'s `http://127.0.0.1:PORT`). Panics when the config never names
+/// `deploy_origin`, so a renamed issuer fails loudly instead of testing nothing.
+pub fn localize_deploy_config(config: &str, deploy_origin: &str, local_origin: &str) -> String {
+    assert!(
+        config.contains(deploy_origin),
+        "the config no longer names {deploy_origin}; update the test that runs it"
+    );
+    let mut out = String::new();
+    let mut in_listen = false;
+    for line in config.lines() {
+        if !line.is_empty() && !line.starts_with([' ', '#']) {
+            in_listen = line.starts_with("listen:");
+        }
+        if !in_listen {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.replace(deploy_origin, local_origin)
 }
