@@ -22,6 +22,14 @@ use crate::{admin, admin_api, http, metrics, reload};
 
 /// How long in-flight checks get to finish after SIGTERM before the process exits anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest CheckRequest accepted (tonic's default, made explicit): Envoy sends headers,
+/// and a body only with `with_request_body`, which audgate does not need.
+pub const MAX_CHECK_BYTES: usize = 4 << 20;
+/// Concurrent streams on one HTTP/2 connection (Envoy opens one connection per worker).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// A check that takes longer is answered with DEADLINE_EXCEEDED (Envoy's own timeout is
+/// usually far shorter): nothing holds a stream for ever.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often readiness is re-evaluated for gRPC health.
 const HEALTH_POLL: Duration = Duration::from_millis(200);
 /// The gRPC service names health is reported for ("" is the whole server).
@@ -151,10 +159,16 @@ pub async fn run(
     let reloader = tokio::spawn(reload::watch(Arc::clone(&state), stop_rx.clone()));
 
     let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let authz = AuthorizationServer::new(AuthorizationService::new(Arc::clone(&state)))
+        .max_decoding_message_size(MAX_CHECK_BYTES);
     let mut grpc = tokio::spawn(
         tonic::transport::Server::builder()
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .timeout(CHECK_TIMEOUT)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health_service)
-            .add_service(AuthorizationServer::new(AuthorizationService::new(Arc::clone(&state))))
+            .add_service(authz)
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
     );
     let mut http = tokio::spawn(
