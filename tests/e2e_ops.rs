@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     Audgate, AudgateOptions, CheckCall, CheckKind, CheckReply, ConfigLayout, GrpcAuthz, HEALTH_SERVICES, IssuerServer,
-    Metrics, Prometheus, Reply, Stack, TestKey, bearer, decode_payload, free_port, keycloak_claims, merge, now,
-    random_hex,
+    Metrics, Prometheus, Reply, Stack, TestKey, assert_deny, assert_upstream, bearer, free_port, keycloak_claims,
+    merge, now, random_hex, str_claim,
 };
 use serde_json::{Value, json};
 
@@ -167,86 +167,6 @@ fn invalid_configs(issuer: &str) -> Vec<(&'static str, String)> {
 // ---------------------------------------------------------------------------------------------
 // Assertions
 // ---------------------------------------------------------------------------------------------
-
-fn str_claim<'a>(claims: &'a Value, name: &str) -> &'a str {
-    claims
-        .get(name)
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| panic!("claims have no string `{name}`: {claims}"))
-}
-
-/// A deny over HTTP (from audgate's endpoint, or relayed by Envoy): the status, a JSON body
-/// `{"error": reason, "error_description": ..}` with `content-type: application/json`, the
-/// token nowhere in the body, and for 401 the RFC 6750 challenge.
-fn assert_http_deny(reply: &Reply, status: u16, reason: &str, token: Option<&str>, context: &str) {
-    let payload = token.map_or(Value::Null, decode_payload);
-    assert_eq!(
-        reply.status, status,
-        "{context}: expected {status} {reason}\ntoken payload: {payload}\nreply:\n{reply}"
-    );
-    let content_type = reply.header("content-type").unwrap_or_default();
-    assert!(
-        content_type.starts_with("application/json"),
-        "{context}: a deny must say content-type: application/json, got {content_type:?}\nreply:\n{reply}"
-    );
-    let body = reply
-        .try_json()
-        .unwrap_or_else(|| panic!("{context}: deny body must be JSON {{error, error_description}}\nreply:\n{reply}"));
-    assert_eq!(
-        body.get("error").and_then(Value::as_str),
-        Some(reason),
-        "{context}: wrong reason code\ntoken payload: {payload}\nreply:\n{reply}"
-    );
-    let description = body
-        .get("error_description")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    assert!(
-        !description.trim().is_empty(),
-        "{context}: error_description missing or empty\nreply:\n{reply}"
-    );
-    if let Some(token) = token {
-        let signature = token.rsplit('.').next().unwrap_or_default();
-        assert!(
-            !reply.body.contains(token) && (signature.len() < 16 || !reply.body.contains(signature)),
-            "{context}: the deny body contains the token\nreply:\n{reply}"
-        );
-    }
-    if status == 401 {
-        let www = reply
-            .header("www-authenticate")
-            .unwrap_or_else(|| panic!("{context}: a 401 must carry WWW-Authenticate\nreply:\n{reply}"));
-        if reason == "missing_token" {
-            assert_eq!(
-                www, r#"Bearer realm="audgate""#,
-                "{context}: missing_token challenge (RFC 6750 §3.1)\nreply:\n{reply}"
-            );
-        } else {
-            assert!(
-                www.starts_with(r#"Bearer realm="audgate", error="invalid_token""#)
-                    && www.contains("error_description=\""),
-                "{context}: WWW-Authenticate must be `Bearer realm=\"audgate\", error=\"invalid_token\", \
-                 error_description=\"...\"`, got {www:?}"
-            );
-        }
-    }
-}
-
-/// An allowed request reached the echo upstream (through Envoy) with these claim-header values
-/// (`None` = absent upstream).
-fn assert_upstream(reply: &Reply, expected: &[(&str, Option<&str>)], context: &str) {
-    assert_eq!(reply.status, 200, "{context}: expected 200\nreply:\n{reply}");
-    let seen = reply.upstream_headers();
-    for (name, want) in expected {
-        let got = seen.get(*name).and_then(Value::as_str);
-        assert_eq!(
-            got,
-            *want,
-            "{context}: upstream header {name}\nupstream saw: {}",
-            Value::Object(seen.clone())
-        );
-    }
-}
 
 /// `x-envoy-auth-headers-to-remove` of an HTTP-endpoint reply, lower-cased and trimmed.
 fn headers_to_remove(reply: &Reply) -> Vec<String> {
@@ -577,7 +497,7 @@ async fn envoy_http_service_mode() {
     let reply = stack
         .get_with_token("/v1/items", &token, &[("host", "other.example.test")])
         .await;
-    assert_http_deny(
+    assert_deny(
         &reply,
         403,
         "no_route",
@@ -606,7 +526,7 @@ async fn envoy_http_service_mode() {
         assert_eq!(reply.json()["method"], method, "{reply}");
     }
     let reply = stack.get_with_token("/orders/7", &writer, &[]).await;
-    assert_http_deny(
+    assert_deny(
         &reply,
         403,
         "no_route",
@@ -616,7 +536,7 @@ async fn envoy_http_service_mode() {
 
     // 401 without a token: bare challenge, JSON body, content-type passed on by Envoy.
     let reply = stack.get("/app/orders", &[("x-auth-subject", "admin")]).await;
-    assert_http_deny(&reply, 401, "missing_token", None, "no token on /app");
+    assert_deny(&reply, 401, "missing_token", None, "no token on /app");
     assert!(
         reply.header("x-auth-subject").is_none(),
         "a deny must not leak claim headers to the client\n{reply}"
@@ -628,11 +548,11 @@ async fn envoy_http_service_mode() {
         json!({"exp": now() - 600, "iat": now() - 900}),
     ));
     let reply = stack.get_with_token("/app/orders", &expired, &[]).await;
-    assert_http_deny(&reply, 401, "expired", Some(expired.as_str()), "expired token");
+    assert_deny(&reply, 401, "expired", Some(expired.as_str()), "expired token");
 
     // 403 audience_mismatch: a Keycloak token (aud=account) on a route checking only aud.
     let reply = stack.get_with_token("/strict/orders", &token, &[]).await;
-    assert_http_deny(&reply, 403, "audience_mismatch", Some(&token), "aud=account on /strict");
+    assert_deny(&reply, 403, "audience_mismatch", Some(&token), "aud=account on /strict");
 
     // No check at all on Envoy's /public route.
     let reply = stack.get("/public/logo.png", &[]).await;
@@ -704,7 +624,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
         ],
     )
     .await;
-    assert_http_deny(&reply, 403, "no_route", Some(&token), "nginx: /v1 on another host");
+    assert_deny(&reply, 403, "no_route", Some(&token), "nginx: /v1 on another host");
 
     // X-Original-Method selects the method-specific route although nginx sends GET.
     let reply = common::send(
@@ -736,7 +656,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
         ],
     )
     .await;
-    assert_http_deny(
+    assert_deny(
         &reply,
         403,
         "audience_mismatch",
@@ -756,7 +676,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
         ],
     )
     .await;
-    assert_http_deny(&reply, 401, "missing_token", None, "nginx: no token");
+    assert_deny(&reply, 401, "missing_token", None, "nginx: no token");
     let reply = common::send(
         &client,
         "GET",
@@ -769,7 +689,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
         ],
     )
     .await;
-    assert_http_deny(
+    assert_deny(
         &reply,
         403,
         "audience_mismatch",
@@ -842,7 +762,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
         "Traefik: X-Forwarded-Host with a port",
     );
     let reply = send_traefik(traefik("GET", "other.example.test", "/v1/items", Some(&auth))).await;
-    assert_http_deny(&reply, 403, "no_route", Some(&token), "Traefik: /v1 on another host");
+    assert_deny(&reply, 403, "no_route", Some(&token), "Traefik: /v1 on another host");
 
     let reply = send_traefik(traefik("POST", HOST, "/orders/1", Some(&writer_auth))).await;
     assert_http_allow(
@@ -851,7 +771,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
         "Traefik: POST /orders/1 (route writes)",
     );
     let reply = send_traefik(traefik("GET", HOST, "/orders/1", Some(&writer_auth))).await;
-    assert_http_deny(
+    assert_deny(
         &reply,
         403,
         "no_route",
@@ -859,7 +779,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
         "Traefik: GET /orders/1 (writes is not GET)",
     );
     let reply = send_traefik(traefik("GET", HOST, "/app/x", None)).await;
-    assert_http_deny(&reply, 401, "missing_token", None, "Traefik: no token");
+    assert_deny(&reply, 401, "missing_token", None, "Traefik: no token");
 
     // Traefik's headers win over nginx's when both are present.
     let mut headers = traefik("GET", "api.example.test", "/v1/items", Some(&auth));
@@ -906,7 +826,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
         &[("host", HOST), ("authorization", &auth)],
     )
     .await;
-    assert_http_deny(
+    assert_deny(
         &reply,
         403,
         "audience_mismatch",
@@ -965,14 +885,14 @@ async fn metrics_scraped_by_prometheus_match_the_decisions() {
     }
     for path in ["/app/a", "/app/b"] {
         let reply = stack.get(path, &[]).await;
-        assert_http_deny(&reply, 401, "missing_token", None, path);
+        assert_deny(&reply, 401, "missing_token", None, path);
     }
     for path in ["/strict/a", "/strict/b"] {
         let reply = stack.get_with_token(path, &token, &[]).await;
-        assert_http_deny(&reply, 403, "audience_mismatch", Some(&token), path);
+        assert_deny(&reply, 403, "audience_mismatch", Some(&token), path);
     }
     let reply = stack.get_with_token("/nowhere", &token, &[]).await;
-    assert_http_deny(&reply, 403, "no_route", Some(&token), "/nowhere");
+    assert_deny(&reply, 403, "no_route", Some(&token), "/nowhere");
     let reply = stack.get("/health/live", &[]).await;
     assert_eq!(reply.status, 200, "/health\n{reply}");
     let reply = stack.get_with_token("/dry/run", &token, &[]).await;
@@ -983,7 +903,7 @@ async fn metrics_scraped_by_prometheus_match_the_decisions() {
     ));
     tokens.push(expired.clone());
     let reply = stack.get_with_token("/app/old", &expired, &[]).await;
-    assert_http_deny(&reply, 401, "expired", Some(expired.as_str()), "expired");
+    assert_deny(&reply, 401, "expired", Some(expired.as_str()), "expired");
 
     let expected: BTreeMap<(String, String, String), f64> = [
         (("keycloak", "allow", "allowed"), 3.0),

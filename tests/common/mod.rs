@@ -2470,3 +2470,87 @@ pub fn localize_deploy_config(config: &str, deploy_origin: &str, local_origin: &
     }
     out.replace(deploy_origin, local_origin)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Assertions shared by the end-to-end suites
+// ---------------------------------------------------------------------------------------------
+
+pub fn str_claim<'a>(claims: &'a Value, name: &str) -> &'a str {
+    claims
+        .get(name)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("claims have no string `{name}`: {claims}"))
+}
+
+/// A deny over HTTP (from audgate's endpoint, or relayed by Envoy): the status, a JSON body
+/// `{"error": reason, "error_description": ..}` with `content-type: application/json`, the
+/// token nowhere in the body, and for 401 the RFC 6750 challenge.
+pub fn assert_deny(reply: &Reply, status: u16, reason: &str, token: Option<&str>, context: &str) {
+    let payload = token.map_or(Value::Null, decode_payload);
+    assert_eq!(
+        reply.status, status,
+        "{context}: expected {status} {reason}\ntoken payload: {payload}\nreply:\n{reply}"
+    );
+    let content_type = reply.header("content-type").unwrap_or_default();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{context}: a deny must say content-type: application/json, got {content_type:?}\nreply:\n{reply}"
+    );
+    let body = reply
+        .try_json()
+        .unwrap_or_else(|| panic!("{context}: deny body must be JSON {{error, error_description}}\nreply:\n{reply}"));
+    assert_eq!(
+        body.get("error").and_then(Value::as_str),
+        Some(reason),
+        "{context}: wrong reason code\ntoken payload: {payload}\nreply:\n{reply}"
+    );
+    let description = body
+        .get("error_description")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    assert!(
+        !description.trim().is_empty(),
+        "{context}: error_description missing or empty\nreply:\n{reply}"
+    );
+    if let Some(token) = token {
+        let signature = token.rsplit('.').next().unwrap_or_default();
+        assert!(
+            !reply.body.contains(token) && (signature.len() < 16 || !reply.body.contains(signature)),
+            "{context}: the deny body contains the token\nreply:\n{reply}"
+        );
+    }
+    if status == 401 {
+        let www = reply
+            .header("www-authenticate")
+            .unwrap_or_else(|| panic!("{context}: a 401 must carry WWW-Authenticate\nreply:\n{reply}"));
+        if reason == "missing_token" {
+            assert_eq!(
+                www, r#"Bearer realm="audgate""#,
+                "{context}: missing_token challenge (RFC 6750 §3.1)\nreply:\n{reply}"
+            );
+        } else {
+            assert!(
+                www.starts_with(r#"Bearer realm="audgate", error="invalid_token""#)
+                    && www.contains("error_description=\""),
+                "{context}: WWW-Authenticate must be `Bearer realm=\"audgate\", error=\"invalid_token\", \
+                 error_description=\"...\"`, got {www:?}"
+            );
+        }
+    }
+}
+
+/// An allowed request reached the echo upstream (through Envoy) with these claim-header values
+/// (`None` = absent upstream).
+pub fn assert_upstream(reply: &Reply, expected: &[(&str, Option<&str>)], context: &str) {
+    assert_eq!(reply.status, 200, "{context}: expected 200\nreply:\n{reply}");
+    let seen = reply.upstream_headers();
+    for (name, want) in expected {
+        let got = seen.get(*name).and_then(Value::as_str);
+        assert_eq!(
+            got,
+            *want,
+            "{context}: upstream header {name}\nupstream saw: {}",
+            Value::Object(seen.clone())
+        );
+    }
+}
