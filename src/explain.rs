@@ -299,11 +299,15 @@ fn signature_step(decision: &Decision<'_>, checked: bool) -> String {
     }
 }
 
+/// RFC 3339 for the dates humantime can print (years 1970 to 9999), the number otherwise.
 fn when(t: i64) -> String {
-    u64::try_from(t)
-        .ok()
-        .and_then(|secs| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs)))
-        .map_or_else(|| t.to_string(), |at| humantime::format_rfc3339_seconds(at).to_string())
+    const LAST_PRINTABLE: i64 = 253_402_300_799;
+    match u64::try_from(t) {
+        Ok(secs) if t <= LAST_PRINTABLE => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
+        }
+        _ => t.to_string(),
+    }
 }
 
 fn span(secs: i64) -> String {
@@ -313,15 +317,33 @@ fn span(secs: i64) -> String {
 fn time_step(c: &jwt::Claims, leeway: Option<i64>, now: i64) -> String {
     let leeway = leeway.map_or_else(String::new, |l| format!(", leeway {l}s"));
     let mut text = if now < c.exp {
-        format!("valid for another {} (exp {}{leeway})", span(c.exp - now), when(c.exp))
+        format!(
+            "valid for another {} (exp {}{leeway})",
+            span(c.exp.saturating_sub(now)),
+            when(c.exp)
+        )
     } else {
-        format!("expired {} ago (exp {}{leeway})", span(now - c.exp), when(c.exp))
+        format!(
+            "expired {} ago (exp {}{leeway})",
+            span(now.saturating_sub(c.exp)),
+            when(c.exp)
+        )
     };
     if let Some(nbf) = c.nbf.filter(|&n| n > now) {
-        let _ = write!(text, "; not valid before {} (in {})", when(nbf), span(nbf - now));
+        let _ = write!(
+            text,
+            "; not valid before {} (in {})",
+            when(nbf),
+            span(nbf.saturating_sub(now))
+        );
     }
     if let Some(iat) = c.iat.filter(|&i| i > now) {
-        let _ = write!(text, "; issued {} in the future (iat {})", span(iat - now), when(iat));
+        let _ = write!(
+            text,
+            "; issued {} in the future (iat {})",
+            span(iat.saturating_sub(now)),
+            when(iat)
+        );
     }
     text
 }

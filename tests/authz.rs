@@ -724,3 +724,21 @@ fn every_reason_has_its_status() {
         ]
     );
 }
+
+/// Found by fuzzing (fuzz/ evaluate target): the description of `exp: -1e300` computed
+/// `now - exp`, which overflowed (a panic in debug builds).
+#[test]
+fn regression_extreme_numeric_dates_do_not_overflow() {
+    let f = fixture();
+    let cases = [
+        (json!({"exp": -1e300, "iat": u64::MAX, "nbf": 1.5}), Reason::Expired),
+        (json!({"exp": i64::MIN}), Reason::Expired),
+        (json!({"exp": 1e300, "iat": -1e300}), Reason::Allowed),
+        (json!({"exp": u64::MAX, "nbf": i64::MAX}), Reason::NotYetValid),
+        (json!({"exp": u64::MAX, "iat": u64::MAX}), Reason::NotYetValid),
+    ];
+    for (patch, reason) in cases {
+        let token = f.rsa.mint(claims(patch.clone()));
+        assert_eq!(f.core.decide(req("/azp").bearer(&token)).reason, reason, "{patch}");
+    }
+}

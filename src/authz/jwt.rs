@@ -418,7 +418,10 @@ pub fn check_times(claims: &Claims, leeway: i64, now: i64) -> Result<(), Denial>
     if now >= claims.exp.saturating_add(leeway) {
         return Err(Denial::new(
             Reason::Expired,
-            format!("the token expired {} ago (leeway {leeway}s)", ago(now - claims.exp)),
+            format!(
+                "the token expired {} ago (leeway {leeway}s)",
+                ago(now.saturating_sub(claims.exp))
+            ),
         ));
     }
     if let Some(nbf) = claims.nbf
@@ -428,7 +431,7 @@ pub fn check_times(claims: &Claims, leeway: i64, now: i64) -> Result<(), Denial>
             Reason::NotYetValid,
             format!(
                 "the token is not valid for another {} (nbf, leeway {leeway}s)",
-                ago(nbf - now)
+                ago(nbf.saturating_sub(now))
             ),
         ));
     }
@@ -439,7 +442,7 @@ pub fn check_times(claims: &Claims, leeway: i64, now: i64) -> Result<(), Denial>
             Reason::NotYetValid,
             format!(
                 "the token was issued {} in the future (iat, leeway {leeway}s)",
-                ago(iat - now)
+                ago(iat.saturating_sub(now))
             ),
         ));
     }

@@ -186,7 +186,7 @@ fn relative_time(text: &str, now: i64) -> Option<i64> {
         _ => return None,
     };
     let secs = i64::try_from(humantime::parse_duration(span.trim()).ok()?.as_secs()).ok()?;
-    Some(now + sign * secs)
+    now.checked_add(sign * secs)
 }
 
 fn mint(
