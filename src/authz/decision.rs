@@ -152,11 +152,13 @@ pub struct Metadata<'p> {
 
 /// Build the answer for a decision.
 pub fn respond<'p>(policy: &'p Policy, d: &Decision<'p>) -> Response<'p> {
+    // control characters never leave audgate, in metadata as in headers
+    let clean = |s: &str| s.chars().filter(|c| !c.is_control()).collect::<String>();
     let metadata = Metadata {
         route: d.route_name(),
         reason: d.reason.code(),
-        subject: d.subject().unwrap_or_default().to_owned(),
-        client_id: d.client_id.clone().unwrap_or_default(),
+        subject: clean(d.subject().unwrap_or_default()),
+        client_id: clean(d.client_id.as_deref().unwrap_or_default()),
         issuer: d.issuer.map(|i| policy.issuers[i].name.clone()).unwrap_or_default(),
     };
     match d.verdict {

@@ -203,8 +203,15 @@ fn decode_part(part: &str, what: &str) -> Result<Map<String, Value>, Denial> {
     let bytes = URL_SAFE_NO_PAD
         .decode(part)
         .map_err(|_| malformed(format!("the {what} is not base64url")))?;
-    let UniqueKeys(map) =
-        serde_json::from_slice(&bytes).map_err(|e| malformed(format!("the {what} is not a JSON object: {e}")))?;
+    // serde_json's message may quote the input: say where, never what
+    let UniqueKeys(map) = serde_json::from_slice(&bytes).map_err(|e| {
+        malformed(format!(
+            "the {what} is not a JSON object ({:?} error at line {} column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        ))
+    })?;
     Ok(map)
 }
 

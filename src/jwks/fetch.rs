@@ -50,6 +50,9 @@ impl Fetcher {
             let pem = std::fs::read(path).map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| format!("ca_file {} holds no PEM certificate: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("ca_file {} holds no PEM certificate", path.display()));
+            }
             builder = builder.tls_certs_merge(certs);
         }
         let client = builder

@@ -174,7 +174,10 @@ fn parse_key(jwk: &Value) -> Result<Key, String> {
         Some("RSA") => {
             let n = b64("n")?;
             let e = b64("e")?;
-            let n_bits = 8 * n.iter().skip_while(|&&b| b == 0).count();
+            let significant: Vec<u8> = n.iter().copied().skip_while(|&b| b == 0).collect();
+            let n_bits = significant
+                .first()
+                .map_or(0, |&top| 8 * significant.len() - top.leading_zeros() as usize);
             if n_bits < 2048 {
                 return Err(format!("RSA modulus of {n_bits} bits is under 2048"));
             }
