@@ -1,0 +1,61 @@
+//! The floor for the benchmarks (issue 6): an ext_authz gRPC server that answers every
+//! `Check` with an explicit OK status and an empty `ok_response`, on the same stack as audgate
+//! (tonic, TCP_NODELAY, tokio multi-thread runtime unless `--runtime current`). Whatever it
+//! costs per check, any ext_authz server written with tonic costs at least that.
+//!
+//! ```sh
+//! cargo run --release --example allow_all -- --listen 127.0.0.1:27291 [--runtime current|multi]
+//! ```
+
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, AuthorizationServer, CheckRequest, CheckResponse, HttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::google::rpc;
+use tonic::{Request, Response, Status};
+
+struct AllowAll;
+
+#[tonic::async_trait]
+impl Authorization for AllowAll {
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        drop(request);
+        Ok(Response::new(CheckResponse {
+            status: Some(rpc::Status {
+                code: tonic::Code::Ok as i32,
+                message: String::new(),
+                details: Vec::new(),
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse::default())),
+            dynamic_metadata: None,
+        }))
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut listen = "127.0.0.1:27291".to_owned();
+    let mut runtime = "multi".to_owned();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--listen" => listen = args.next().ok_or("--listen needs ADDR")?,
+            "--runtime" => runtime = args.next().ok_or("--runtime needs current|multi")?,
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    let rt = match runtime.as_str() {
+        "current" => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        "multi" => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
+        other => return Err(format!("--runtime {other}: current or multi").into()),
+    };
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&listen).await?;
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        eprintln!("allow_all listening on {listen} ({runtime} runtime, {workers} worker(s))");
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .add_service(AuthorizationServer::new(AllowAll))
+            .serve_with_incoming(incoming)
+            .await?;
+        Ok(())
+    })
+}
