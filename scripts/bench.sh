@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
     --variants) VARIANTS=1 ;;
     --memory-tokens) MEMORY_TOKENS=$2; shift ;;
     --table) TABLE_ONLY=$2; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -227,7 +227,7 @@ if [ "$ENVOY" = 1 ]; then
   fi
 fi
 
-for port in 27100 27101 27102 27103 27104 27191 27291 27391 27909; do
+for port in 27100 27101 27102 27103 27104 27191 27291 27391 27591 27901 27902 27909 27915; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "bench.sh: port $port is already in use on 127.0.0.1" >&2; exit 1
   fi
