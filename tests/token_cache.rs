@@ -114,7 +114,7 @@ fn bounded_in_entries_and_bytes() {
         (
             TokenCacheConfig {
                 max_entries: 1_000_000,
-                max_bytes: 64 << 10,
+                max_bytes: 256 << 10,
             },
             "bytes",
         ),
