@@ -2047,14 +2047,16 @@ async fn jwks_over_tls_needs_the_right_ca_file() {
     let key = TestKey::ec("tls-1");
     std::fs::write(dir.path().join("jwks.json"), jwks(&[&key]).to_string()).expect("write jwks");
     let port = common::free_port();
-    let mut server = std::process::Command::new("openssl")
-        .args(["s_server", "-quiet", "-WWW", "-accept", &format!("127.0.0.1:{port}")])
-        .args(["-cert", "server.pem", "-key", "server.key"])
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("openssl s_server");
+    let _server = KillOnDrop(
+        std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-WWW", "-accept", &format!("127.0.0.1:{port}")])
+            .args(["-cert", "server.pem", "-key", "server.key"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server"),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
         assert!(Instant::now() < deadline, "openssl s_server did not listen");
@@ -2088,8 +2090,16 @@ async fn jwks_over_tls_needs_the_right_ca_file() {
             other => panic!("{what}: {other:?}"),
         }
     }
-    let _ = server.kill();
-    let _ = server.wait();
+}
+
+/// A child process killed (and reaped) when the test ends, also when it panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
