@@ -2554,3 +2554,39 @@ pub fn assert_upstream(reply: &Reply, expected: &[(&str, Option<&str>)], context
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Other programs a test runs itself (e.g. node for tests/oidc_provider.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// A program a test starts itself, with the harness's own child-process handling: stdout and
+/// stderr go to `<dir>/<name>.stdout.log` / `.stderr.log`, the process is killed and reaped on
+/// drop, and its output is printed when that drop happens during a panic.
+pub struct TestProcess(Process);
+
+impl TestProcess {
+    /// Starts `command` with stdin closed; panics when it cannot be started.
+    pub fn spawn(name: &'static str, command: Command, dir: &Path) -> Self {
+        Self(Process::spawn(name, command, dir))
+    }
+
+    /// `Some(description)` when the process has already exited.
+    pub fn exited(&mut self) -> Option<String> {
+        self.0.exited()
+    }
+
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+
+    /// Its stdout so far (empty before the first write).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.0.stdout).unwrap_or_default()
+    }
+
+    /// Its stdout and stderr so far, labelled, for assertion messages.
+    pub fn logs(&self) -> String {
+        self.0.logs()
+    }
+}
