@@ -18,6 +18,7 @@ use crate::check::Snapshot;
 use crate::config::{self, Config};
 use crate::grpc::AuthorizationService;
 use crate::jwks::KeyStore;
+use crate::serve::{self, Limits};
 use crate::{admin, admin_api, http, metrics, reload};
 
 /// How long in-flight checks get to finish after SIGTERM before the process exits anyway.
@@ -27,9 +28,14 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CHECK_BYTES: usize = 4 << 20;
 /// Concurrent streams on one HTTP/2 connection (Envoy opens one connection per worker).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
-/// A check that takes longer is answered with DEADLINE_EXCEEDED (Envoy's own timeout is
-/// usually far shorter): nothing holds a stream for ever.
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections per listener at most (fewer when the open-files limit is low: see
+/// [`connection_budget`]). Istio gives every sidecar's Envoy its own connections to audgate.
+pub const MAX_CONNECTIONS: usize = 16_384;
+/// Admin connections at most: probes, Prometheus and the occasional `explain --server`.
+pub const MAX_ADMIN_CONNECTIONS: usize = 256;
+/// File descriptors kept out of every listener's reach: JWKS fetches, config reads, the
+/// directory watch, logs.
+const RESERVED_FILES: u64 = 128;
 /// How often readiness is re-evaluated for gRPC health.
 const HEALTH_POLL: Duration = Duration::from_millis(200);
 /// The gRPC service names health is reported for ("" is the whole server).
@@ -116,11 +122,6 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
     Ok(listener)
 }
 
-/// Resolves once `stop` turns true.
-async fn stopped(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// Run the service until `shutdown` resolves, then drain: readiness goes to 503/NOT_SERVING,
 /// the listeners stop accepting, in-flight checks finish (up to [`DRAIN_TIMEOUT`]).
 pub async fn run(
@@ -158,34 +159,39 @@ pub async fn run(
     });
     let reloader = tokio::spawn(reload::watch(Arc::clone(&state), stop_rx.clone()));
 
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let budget = connection_budget(raise_open_files_limit());
     let authz = AuthorizationServer::new(AuthorizationService::new(Arc::clone(&state)))
         .max_decoding_message_size(MAX_CHECK_BYTES);
-    let mut grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-            .timeout(CHECK_TIMEOUT)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(health_service)
-            .add_service(authz)
-            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
-    );
-    let mut http = tokio::spawn(
-        axum::serve(http_listener, http::router(Arc::clone(&state)))
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
-    );
+    let grpc_router = tonic::service::Routes::new(health_service)
+        .add_service(authz)
+        .prepare()
+        .into_axum_router();
+    let mut grpc = tokio::spawn(serve::serve(
+        grpc_listener,
+        grpc_router,
+        budget.grpc,
+        "listen.grpc",
+        stop_rx.clone(),
+    ));
+    let mut http = tokio::spawn(serve::serve(
+        http_listener,
+        http::router(Arc::clone(&state)),
+        budget.http,
+        "listen.http",
+        stop_rx.clone(),
+    ));
     let mut admin_router = admin::router(Arc::clone(&state), metrics_handle);
     if admin_explain {
         admin_router = admin_router.merge(admin_api::routes(Arc::clone(&state))?);
         tracing::info!("audgate.v1.Admin/Explain served on the admin listener");
     }
-    let admin = tokio::spawn(
-        axum::serve(admin_listener, admin_router)
-            .with_graceful_shutdown(stopped(admin_stop_rx))
-            .into_future(),
-    );
+    let admin = tokio::spawn(serve::serve(
+        admin_listener,
+        admin_router,
+        budget.admin,
+        "listen.admin",
+        admin_stop_rx,
+    ));
 
     tokio::select! {
         () = shutdown => {}
@@ -205,8 +211,8 @@ pub async fn run(
     .await;
     match drained {
         Ok((grpc, http)) => {
-            report_server_exit("gRPC", grpc.map(|r| r.map_err(|e| e.to_string())));
-            report_server_exit("HTTP", http.map(|r| r.map_err(|e| e.to_string())));
+            report_server_exit("gRPC", grpc);
+            report_server_exit("HTTP", http);
             tracing::info!("drained: every in-flight check answered");
         }
         Err(_) => tracing::warn!("drain took longer than {DRAIN_TIMEOUT:?}; exiting anyway"),
@@ -219,11 +225,9 @@ pub async fn run(
     Ok(())
 }
 
-fn report_server_exit(what: &str, result: Result<Result<(), String>, tokio::task::JoinError>) {
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!("{what} server: {e}"),
-        Err(e) => tracing::error!("{what} server task: {e}"),
+fn report_server_exit(what: &str, result: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = result {
+        tracing::error!("{what} server task: {e}");
     }
 }
 
@@ -262,5 +266,87 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+}
+
+/// How many connections each listener may hold open.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    pub grpc: Limits,
+    pub http: Limits,
+    pub admin: Limits,
+}
+
+/// Split the open-files limit so that no listener can take the descriptors another needs:
+/// a flood of connections on `listen.http` must leave room for gRPC checks, `/healthz` and
+/// config reloads. Half to gRPC, a quarter to HTTP, an eighth to admin, within the caps.
+pub fn connection_budget(open_files: u64) -> Budget {
+    let spare = usize::try_from(open_files.saturating_sub(RESERVED_FILES)).unwrap_or(usize::MAX);
+    let limits = |share: usize, cap: usize| Limits {
+        max_connections: (spare / share).clamp(1, cap),
+        max_streams: MAX_STREAMS_PER_CONNECTION,
+    };
+    Budget {
+        grpc: limits(2, MAX_CONNECTIONS),
+        http: limits(4, MAX_CONNECTIONS),
+        admin: limits(8, MAX_ADMIN_CONNECTIONS),
+    }
+}
+
+/// Raise the soft open-files limit to the hard one (the soft default is often 1024) and return
+/// the limit in force.
+fn raise_open_files_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(soft), hard) = (limit.current, limit.maximum) else {
+        return u64::MAX; // unlimited
+    };
+    let wanted = hard.unwrap_or(u64::MAX);
+    if wanted > soft {
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(wanted),
+                maximum: hard,
+            },
+        ) {
+            Ok(()) => return wanted,
+            Err(e) => tracing::warn!("cannot raise the open-files limit from {soft} to {wanted}: {e}"),
+        }
+    }
+    soft
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_leaves_every_listener_room_on_a_small_limit() {
+        let b = connection_budget(256);
+        assert_eq!(
+            (b.grpc.max_connections, b.http.max_connections, b.admin.max_connections),
+            (64, 32, 16)
+        );
+        let total = b.grpc.max_connections + b.http.max_connections + b.admin.max_connections;
+        assert!(total as u64 + RESERVED_FILES <= 256);
+    }
+
+    #[test]
+    fn budget_is_capped_on_a_large_limit() {
+        let b = connection_budget(1 << 20);
+        assert_eq!(b.grpc.max_connections, MAX_CONNECTIONS);
+        assert_eq!(b.http.max_connections, MAX_CONNECTIONS);
+        assert_eq!(b.admin.max_connections, MAX_ADMIN_CONNECTIONS);
+        assert_eq!(connection_budget(u64::MAX).grpc.max_connections, MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn budget_never_drops_to_zero() {
+        let b = connection_budget(10);
+        assert_eq!(
+            (b.grpc.max_connections, b.http.max_connections, b.admin.max_connections),
+            (1, 1, 1)
+        );
     }
 }

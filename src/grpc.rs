@@ -3,6 +3,7 @@
 //! [`Response`] into a `CheckResponse` once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
 use tonic::{Request, Response as GrpcResponse, Status};
@@ -13,6 +14,9 @@ use crate::check;
 
 /// The route a per-route `check_settings.context_extensions` entry selects.
 pub const ROUTE_CONTEXT_KEY: &str = "audgate.route";
+/// A check that takes longer is answered with DEADLINE_EXCEEDED (Envoy's own timeout is
+/// usually far shorter): nothing holds a stream for ever.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct AuthorizationService {
     state: Arc<State>,
@@ -31,7 +35,9 @@ impl Authorization for AuthorizationService {
         let snapshot = self.state.snapshot();
         let empty = Default::default();
         let input = convert::input(&request, &empty);
-        let decision = check::check(&snapshot, &input).await;
+        let decision = tokio::time::timeout(CHECK_TIMEOUT, check::check(&snapshot, &input))
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("no decision within {CHECK_TIMEOUT:?}")))?;
         let response = authz::respond(&snapshot.config.policy, &decision);
         Ok(GrpcResponse::new(convert::check_response(&response)))
     }

@@ -20,6 +20,8 @@
 //!   client.
 //! - [`metrics`]: SPEC.md's metrics as domain functions; labels come only from the config.
 //! - [`reload`]: config reloads on a directory watch, SIGHUP and a periodic check.
+//! - [`serve`]: the accept loop of the three listeners, with connection, handshake, header
+//!   and keep-alive limits.
 //! - [`app`]: wiring for `audgate serve`: shared state, listeners, gRPC health, shutdown.
 //! - [`summary`]: the one-screen config summary `audgate check-config` prints.
 //! - [`doctor`]: `audgate doctor`: every issuer checked live (discovery, issuer, keys, clock).
@@ -44,5 +46,6 @@ pub mod jwks;
 pub mod metrics;
 pub mod policy_test;
 pub mod reload;
+pub mod serve;
 pub mod summary;
 pub mod token_cache;

@@ -103,8 +103,13 @@ impl IssuerKeys {
     }
 
     async fn fetch_locked(&self, state: &mut FetchState) -> Refreshed {
+        // Set at the start (a check's fetch may be cancelled half-way) and again at the end,
+        // so that requests that waited for this fetch never start another one right after it:
+        // a check waits for at most one fetch, however slow the issuer.
         state.last_attempt = Some(Instant::now());
-        let fetched = match self.fetcher.fetch(&self.config.source, state.jwks_uri.as_deref()).await {
+        let fetched = self.fetcher.fetch(&self.config.source, state.jwks_uri.as_deref()).await;
+        state.last_attempt = Some(Instant::now());
+        let fetched = match fetched {
             Ok(f) => f,
             Err(e) => {
                 state.jwks_uri = None; // re-run discovery next time: the JWKS may have moved

@@ -824,6 +824,8 @@ pub struct AudgateOptions {
     pub env: Vec<(String, String)>,
     /// Where and how the config file is written.
     pub layout: ConfigLayout,
+    /// Run audgate under `prlimit --nofile=N:N` (soft and hard open-files limit).
+    pub open_files: Option<u64>,
 }
 
 impl AudgateOptions {
@@ -851,6 +853,12 @@ impl AudgateOptions {
     /// Chooses the config layout.
     pub fn layout(mut self, layout: ConfigLayout) -> Self {
         self.layout = layout;
+        self
+    }
+
+    /// Limits the open files (soft and hard) with util-linux's `prlimit`.
+    pub fn open_files(mut self, limit: u64) -> Self {
+        self.open_files = Some(limit);
         self
     }
 }
@@ -919,7 +927,16 @@ impl Audgate {
             }
         }
 
-        let mut command = Command::new(audgate_binary());
+        let mut command = match options.open_files {
+            Some(limit) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={limit}:{limit}"))
+                    .arg("--")
+                    .arg(audgate_binary());
+                c
+            }
+            None => Command::new(audgate_binary()),
+        };
         command
             .arg("serve")
             .arg("--config")
