@@ -4,18 +4,19 @@
 //! - `verify/uncached/{RS256,ES256,EdDSA}`: `authz::evaluate` for an allow with a Keycloak-sized
 //!   token (~1 KB payload), no token cache: parse, key lookup, signature, times, route rule.
 //! - `verify/cached/*`: `authz::evaluate_with_memo` with the real verified-token cache, warm
-//!   (SHA-256 of the token + cache hit + times + route rule).
+//!   (SHA-256 of header and signature + cache hit + times + route rule).
 //! - `decide/*`: `evaluate` + `authz::respond` for an allow, and `check::check` (adds the clock
 //!   reads, the metric calls — no recorder installed — and the decision log call — no
 //!   subscriber), both cached.
 //! - `route/*`: route selection when the matching route is the last of 1, 100, 1,000, and by
 //!   name (`audgate.route`) among 1,000.
-//! - `parts/*`: pieces of the hot path for orientation: SHA-256 of the token (the cache key),
-//!   the cache map's own keyed hasher (foldhash) over the same bytes, prost decode of the
-//!   ~2.4 KB CheckRequest.
-//! - `server/*` (last: installs process-wide state): `metrics::record_check` with the
-//!   Prometheus recorder installed, the same with pre-registered handles, and `check::check`
-//!   with the recorder, then also with the decision log line written to /dev/null.
+//! - `parts/*`: pieces of the hot path for orientation: SHA-256 of the whole token (the cache
+//!   key before) and of its header and signature (the cache key now), the cache map's own keyed hasher
+//!   (foldhash) over the token, prost decode of the ~2.4 KB CheckRequest.
+//! - `server/*` (last: installs process-wide state): with the Prometheus recorder installed,
+//!   `metrics::record_check` (a registry lookup per call) and `CheckMetrics::record` (the
+//!   handles `audgate serve` uses), and `check::check` on a snapshot made after the recorder,
+//!   then also with the decision log line written to /dev/null.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
@@ -190,6 +191,20 @@ fn parts(c: &mut Criterion, s: &Setup) {
     group.bench_function(format!("sha256_token/{}B", token.len()), |b| {
         b.iter(|| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, black_box(token.as_bytes())))
     });
+    let (header, rest) = token.split_once('.').expect("a JWS");
+    let signature = rest.rsplit_once('.').map_or("", |(_, s)| s);
+    group.bench_function(
+        format!("sha256_header_signature/{}B", header.len() + signature.len() + 1),
+        |b| {
+            b.iter(|| {
+                let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+                digest.update(black_box(header.as_bytes()));
+                digest.update(b".");
+                digest.update(black_box(signature.as_bytes()));
+                digest.finish()
+            })
+        },
+    );
     let foldhash = quick_cache::DefaultHashBuilder::default();
     group.bench_function(format!("cache_hasher_token/{}B", token.len()), |b| {
         b.iter(|| foldhash.hash_one(black_box(token.as_str())))
@@ -203,10 +218,12 @@ fn parts(c: &mut Criterion, s: &Setup) {
 /// The check as `audgate serve` runs it: the Prometheus recorder installed and the decision
 /// log line written (text format, info level) to /dev/null. Installs process-wide state, so
 /// it runs last.
-fn server(c: &mut Criterion, s: &Setup) {
-    let input = input(&s.headers[0], HOST, PATH);
+fn server(c: &mut Criterion, keys: &Keys) {
     let mut group = c.benchmark_group("server");
     let _handle = audgate::metrics::install().expect("metrics recorder");
+    // made after the recorder, as `audgate serve` does: its metric handles are real ones
+    let s = setup(0, keys);
+    let input = input(&s.headers[0], HOST, PATH);
     group.bench_function("record_check", |b| {
         b.iter(|| {
             audgate::metrics::record_check(
@@ -217,14 +234,15 @@ fn server(c: &mut Criterion, s: &Setup) {
             )
         })
     });
-    // what a check would pay with handles registered once per (route, decision, reason)
-    let counter =
-        metrics::counter!("bench_checks_total", "route" => "orders", "decision" => "allow", "reason" => "allowed");
-    let histogram = metrics::histogram!("bench_check_duration_seconds", "route" => "orders");
+    let handles = audgate::metrics::CheckMetrics::new(["orders"]);
     group.bench_function("record_check_with_handles", |b| {
         b.iter(|| {
-            counter.increment(1);
-            histogram.record(black_box(3e-6));
+            handles.record(
+                black_box("orders"),
+                Verdict::Allow,
+                Reason::Allowed,
+                Duration::from_micros(3),
+            )
         })
     });
     group.bench_function("check_fn/cached+metrics", |b| {
@@ -252,7 +270,7 @@ fn benches(c: &mut Criterion) {
     decide(c, &s);
     routes(c, &keys);
     parts(c, &s);
-    server(c, &s);
+    server(c, &keys);
 }
 
 criterion_group!(core, benches);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::authz::{self, CheckInput, Decision, Reason};
 use crate::config::Config;
 use crate::jwks::KeyStore;
-use crate::metrics;
+use crate::metrics::CheckMetrics;
 use crate::token_cache::TokenCache;
 
 /// A config with the key caches of its issuers and its verified-token cache: what every
@@ -17,12 +17,20 @@ pub struct Snapshot {
     pub config: Config,
     pub keys: KeyStore,
     pub tokens: TokenCache,
+    pub metrics: CheckMetrics,
 }
 
 impl Snapshot {
     pub fn new(config: Config, keys: KeyStore) -> Snapshot {
         let tokens = TokenCache::new(&config.token_cache);
-        Snapshot { config, keys, tokens }
+        let routes = config.policy.routes.routes().iter().map(|r| r.name.as_str());
+        let metrics = CheckMetrics::new(routes);
+        Snapshot {
+            config,
+            keys,
+            tokens,
+            metrics,
+        }
     }
 }
 
@@ -58,7 +66,9 @@ pub async fn check<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>) -> Decisi
         }
     }
     let elapsed = started.elapsed();
-    metrics::record_check(decision.route_name(), decision.verdict, decision.reason, elapsed);
+    snapshot
+        .metrics
+        .record(decision.route_name(), decision.verdict, decision.reason, elapsed);
     log(snapshot, &decision, input, elapsed);
     decision
 }

@@ -39,7 +39,7 @@ impl Authorization for AuthorizationService {
             .await
             .map_err(|_| Status::deadline_exceeded(format!("no decision within {CHECK_TIMEOUT:?}")))?;
         let response = authz::respond(&snapshot.config.policy, &decision);
-        Ok(GrpcResponse::new(convert::check_response(&response)))
+        Ok(GrpcResponse::new(convert::check_response(response)))
     }
 }
 
@@ -84,11 +84,11 @@ mod convert {
     /// Overwrite, never append. Envoy 1.40 reads only the deprecated `append` for request
     /// headers; 1.37 read `append_action` (with APPEND as its default): set both.
     #[allow(deprecated)]
-    fn overwrite(key: &str, value: &str) -> HeaderValueOption {
+    fn overwrite(key: &str, value: String) -> HeaderValueOption {
         HeaderValueOption {
             header: Some(HeaderValue {
                 key: key.to_owned(),
-                value: value.to_owned(),
+                value,
                 raw_value: Vec::new(),
             }),
             append: Some(BoolValue { value: false }),
@@ -97,20 +97,20 @@ mod convert {
         }
     }
 
-    fn string(s: &str) -> Value {
+    fn string(s: String) -> Value {
         Value {
-            kind: Some(Kind::StringValue(s.to_owned())),
+            kind: Some(Kind::StringValue(s)),
         }
     }
 
     /// Filed by Envoy under the ext_authz filter's namespace, as struct `audgate`.
-    fn metadata(m: &Metadata<'_>) -> Struct {
+    fn metadata(m: Metadata<'_>) -> Struct {
         let fields = HashMap::from([
-            ("route".to_owned(), string(m.route)),
-            ("reason".to_owned(), string(m.reason)),
-            ("subject".to_owned(), string(&m.subject)),
-            ("client_id".to_owned(), string(&m.client_id)),
-            ("issuer".to_owned(), string(&m.issuer)),
+            ("route".to_owned(), string(m.route.to_owned())),
+            ("reason".to_owned(), string(m.reason.to_owned())),
+            ("subject".to_owned(), string(m.subject)),
+            ("client_id".to_owned(), string(m.client_id)),
+            ("issuer".to_owned(), string(m.issuer)),
         ]);
         let audgate = Value {
             kind: Some(Kind::StructValue(Struct { fields })),
@@ -120,13 +120,14 @@ mod convert {
         }
     }
 
-    /// Every answer carries an explicit status: Envoy treats a missing one as OK.
-    pub fn check_response(r: &Response<'_>) -> CheckResponse {
+    /// Every answer carries an explicit status: Envoy treats a missing one as OK. Takes the
+    /// response by value: its strings move into the message instead of being copied.
+    pub fn check_response(r: Response<'_>) -> CheckResponse {
         let (code, http_response) = match r.status {
             200 => (
                 tonic::Code::Ok,
                 HttpResponse::OkResponse(OkHttpResponse {
-                    headers: r.upstream_headers.iter().map(|(k, v)| overwrite(k, v)).collect(),
+                    headers: r.upstream_headers.into_iter().map(|(k, v)| overwrite(k, v)).collect(),
                     headers_to_remove: r.remove_headers.iter().map(|h| (*h).to_owned()).collect(),
                     ..Default::default()
                 }),
@@ -136,8 +137,8 @@ mod convert {
                     status: Some(HttpStatus {
                         code: i32::from(status),
                     }),
-                    headers: r.client_headers.iter().map(|(k, v)| overwrite(k, v)).collect(),
-                    body: r.body.clone(),
+                    headers: r.client_headers.into_iter().map(|(k, v)| overwrite(k, v)).collect(),
+                    body: r.body,
                 };
                 match status {
                     401 => (tonic::Code::Unauthenticated, HttpResponse::DeniedResponse(denied)),
@@ -154,7 +155,7 @@ mod convert {
                 details: Vec::new(),
             }),
             http_response: Some(http_response),
-            dynamic_metadata: Some(metadata(&r.metadata)),
+            dynamic_metadata: Some(metadata(r.metadata)),
         }
     }
 }
@@ -208,7 +209,7 @@ mod tests {
                 issuer: "kc".into(),
             },
         };
-        let out = convert::check_response(&response);
+        let out = convert::check_response(response);
         assert_eq!(out.status.as_ref().map(|s| s.code), Some(0));
         let Some(HttpResponse::OkResponse(ok)) = out.http_response else {
             panic!("expected ok_response")

@@ -176,7 +176,7 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -190,6 +190,21 @@ fn serve(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One CPU (a pinned process, or a container limited to one core): tokio's current-thread
+/// runtime, which served a cached check with 10-15% less CPU than the multi-thread runtime
+/// with its one worker (docs/performance.md). More CPUs: the multi-thread runtime, one worker
+/// per CPU. `available_parallelism` follows the affinity mask and the cgroup CPU quota.
+fn runtime() -> tokio::runtime::Builder {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all();
+    builder
 }
 
 fn check_config(path: &Path) -> ExitCode {

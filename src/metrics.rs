@@ -4,9 +4,11 @@
 //!
 //! Until [`install`] runs (the binary does it; library tests do not), recording is a no-op.
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{Counter, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::authz::{Reason, Verdict};
@@ -51,14 +53,84 @@ pub fn install() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-pub fn record_check(route: &str, verdict: Verdict, reason: Reason, elapsed: Duration) {
+/// The route label when no route matched.
+pub const NO_ROUTE: &str = "-";
+
+const VERDICTS: usize = 4;
+
+/// The per-check metrics of one config, as handles: a series is registered the first time it
+/// is recorded (so `/metrics` lists only what happened), and from then on recording is an
+/// atomic add, with no label strings built and no registry lookup per check.
+pub struct CheckMetrics {
+    routes: HashMap<String, RouteMetrics>,
+}
+
+#[derive(Default)]
+struct RouteMetrics {
+    duration: OnceLock<Histogram>,
+    /// By verdict, then reason.
+    checks: [[OnceLock<Counter>; Reason::ALL.len()]; VERDICTS],
+}
+
+impl CheckMetrics {
+    /// Handles for these route names and for [`NO_ROUTE`].
+    pub fn new<'a>(routes: impl IntoIterator<Item = &'a str>) -> CheckMetrics {
+        let routes = routes
+            .into_iter()
+            .chain([NO_ROUTE])
+            .map(|name| (name.to_owned(), RouteMetrics::default()))
+            .collect();
+        CheckMetrics { routes }
+    }
+
+    pub fn record(&self, route: &str, verdict: Verdict, reason: Reason, elapsed: Duration) {
+        let Some((name, handles)) = self.routes.get_key_value(route) else {
+            // not a route of this config (cannot happen: the decision came from it)
+            return record_check(route, verdict, reason, elapsed);
+        };
+        handles.checks[verdict as usize][reason as usize]
+            .get_or_init(|| checks_counter(name, verdict, reason))
+            .increment(1);
+        handles
+            .duration
+            .get_or_init(|| histogram!(CHECK_DURATION, "route" => name.clone()))
+            .record(elapsed.as_secs_f64());
+    }
+}
+
+fn checks_counter(route: &str, verdict: Verdict, reason: Reason) -> Counter {
     counter!(CHECKS, "route" => route.to_owned(), "decision" => verdict.label(), "reason" => reason.code())
-        .increment(1);
+}
+
+/// One check, without handles (what [`CheckMetrics::record`] does the first time).
+pub fn record_check(route: &str, verdict: Verdict, reason: Reason, elapsed: Duration) {
+    checks_counter(route, verdict, reason).increment(1);
     histogram!(CHECK_DURATION, "route" => route.to_owned()).record(elapsed.as_secs_f64());
 }
 
-pub fn record_token_cache(hit: bool) {
-    counter!(if hit { CACHE_HITS } else { CACHE_MISSES }).increment(1);
+/// The verified-token cache's hit and miss counters, as handles.
+pub struct TokenCacheMetrics {
+    hits: Counter,
+    misses: Counter,
+}
+
+impl TokenCacheMetrics {
+    pub fn new() -> TokenCacheMetrics {
+        TokenCacheMetrics {
+            hits: counter!(CACHE_HITS),
+            misses: counter!(CACHE_MISSES),
+        }
+    }
+
+    pub fn record(&self, hit: bool) {
+        if hit { &self.hits } else { &self.misses }.increment(1);
+    }
+}
+
+impl Default for TokenCacheMetrics {
+    fn default() -> Self {
+        TokenCacheMetrics::new()
+    }
 }
 
 pub fn record_jwks_refresh(issuer: &str, ok: bool) {

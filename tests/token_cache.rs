@@ -72,6 +72,42 @@ async fn hits_still_run_the_route_rule_and_the_clock() {
     assert_eq!(s.tokens.len(), 1);
 }
 
+/// A hit is the very same token: a verified token's signature on another payload, or under
+/// another header, is verified again (and refused), never answered from the cache.
+#[tokio::test]
+async fn a_copied_signature_is_never_a_hit() {
+    let key = TestKey::rsa("k1");
+    let issuer = IssuerServer::start(&[&key]).await;
+    let s = snapshot(&issuer).await;
+    let t = now() as i64;
+    let claims = keycloak_claims(&issuer.issuer_url(), "app-a");
+    let token = key.mint(claims.clone());
+    assert_eq!(decide(&s, "/a", &token, t), Reason::Allowed);
+    assert_eq!(s.tokens.len(), 1);
+    let (header, rest) = token.split_once('.').unwrap();
+    let (_, signature) = rest.rsplit_once('.').unwrap();
+    // the same signature on an elevated payload: re-verified, and refused
+    let elevated = common::b64url(serde_json::to_vec(&merge(claims, json!({"aud": "app-b"}))).unwrap());
+    let forged = format!("{header}.{elevated}.{signature}");
+    assert_eq!(decide(&s, "/b", &forged, t), Reason::BadSignature);
+    // the same signature and payload under another header: re-verified, and refused
+    let other_header = common::b64url(br#"{"alg":"RS256","kid":"k1","typ":"JWT","x":1}"#);
+    let payload = rest.split_once('.').unwrap().0;
+    let reheadered = format!("{other_header}.{payload}.{signature}");
+    assert_eq!(decide(&s, "/a", &reheadered, t), Reason::BadSignature);
+    // extra segments never reach the cache either
+    assert_eq!(
+        decide(&s, "/a", &format!("{header}.x.{payload}.{signature}"), t),
+        Reason::MalformedToken
+    );
+    assert_eq!(s.tokens.len(), 1, "nothing new remembered");
+    assert_eq!(
+        decide(&s, "/a", &token, t),
+        Reason::Allowed,
+        "the real token still hits"
+    );
+}
+
 #[tokio::test]
 async fn a_withdrawn_key_stops_working_at_the_next_refresh() {
     let old = TestKey::rsa("old");
