@@ -279,8 +279,10 @@ echo "== setup: keys, tokens, configs" >&2
 # audgate-12mib: a 12 MiB weighed cap holds about the heap an honest weigher would allow under
 # the default 32 MiB (examples/cache_memory.rs: an entry weighs ~0.36x its real heap)
 CONFIGS="audgate:default:27191,27192,27901;audgate-nocache:off:27391,27392,27902;audgate-12mib:12MiB:27591,27592,27915"
-VARIANT_NAMES=(v-current v-nolog v-nometrics v-lean)
-VARIANT_ARGS=("--runtime current" "--log warn" "--metrics off" "--runtime current --log warn --metrics off")
+# What audgate serve does, one choice changed at a time (examples/serve_variant.rs); v-lean has
+# no decision line and no metrics at all
+VARIANT_NAMES=(v-multi v-synclog v-nolog v-lean)
+VARIANT_ARGS=("--runtime multi" "--log-writer stderr" "--log warn" "--log warn --metrics off")
 if [ "$VARIANTS" = 1 ]; then
   for i in "${!VARIANT_NAMES[@]}"; do
     CONFIGS="$CONFIGS;${VARIANT_NAMES[$i]}:default:$((27401 + 10 * i)),$((27402 + 10 * i)),$((27903 + i))"

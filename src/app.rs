@@ -100,6 +100,22 @@ impl State {
     }
 }
 
+/// The runtime for `audgate serve`. One CPU (a pinned process, or a container limited to one
+/// core): tokio's current-thread runtime, which served a cached check with 10-15% less CPU than
+/// the multi-thread runtime with its one worker (docs/performance.md). More CPUs: the
+/// multi-thread runtime, one worker per CPU. `available_parallelism` follows the affinity mask
+/// and the cgroup CPU quota.
+pub fn runtime() -> tokio::runtime::Builder {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all();
+    builder
+}
+
 /// Load the config or return every error (file:line:column), one a line.
 pub fn load_config(path: &std::path::Path) -> Result<Config, String> {
     match config::load(path) {

@@ -19,6 +19,7 @@
 //! - [`admin_api`]: the `audgate.v1.Admin/Explain` gRPC call (admin listener, opt-in) and its
 //!   client.
 //! - [`metrics`]: SPEC.md's metrics as domain functions; labels come only from the config.
+//! - [`logging`]: log lines to stderr, through a batching writer thread for `serve`.
 //! - [`reload`]: config reloads on a directory watch, SIGHUP and a periodic check.
 //! - [`serve`]: the accept loop of the three listeners, with connection, handshake, header
 //!   and keep-alive limits.
@@ -43,6 +44,7 @@ pub mod explain;
 pub mod grpc;
 pub mod http;
 pub mod jwks;
+pub mod logging;
 pub mod metrics;
 pub mod policy_test;
 pub mod reload;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-use audgate::{app, commands, config, explain, summary};
+use audgate::{app, commands, config, explain, logging, summary};
 
 #[derive(Parser)]
 #[command(
@@ -106,7 +106,8 @@ struct ExplainArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve(_));
-    init_logging(cli.log_format, if serving { "info" } else { "warn" });
+    // flushes the log writer thread when main returns
+    let _log_writer = init_logging(cli.log_format, serving);
     match cli.command {
         Command::Serve(args) => serve(&args.config),
         Command::CheckConfig(args) => check_config(&args.config),
@@ -141,18 +142,17 @@ fn explain(args: ExplainArgs) -> u8 {
     }
 }
 
-/// `RUST_LOG` style filter, `default` when unset.
-fn init_logging(format: LogFormat, default: &str) {
+/// Logs to stderr, filtered `RUST_LOG` style (default `info` for `serve`, else `warn`);
+/// `serve` writes through the log writer thread (see [`logging`]).
+fn init_logging(format: LogFormat, serving: bool) -> Option<logging::Guard> {
+    let default = if serving { "info" } else { "warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let writer = if serving {
+        logging::Writer::Thread
+    } else {
+        logging::Writer::Stderr
+    };
+    logging::init(filter, matches!(format, LogFormat::Json), writer)
 }
 
 fn serve(path: &Path) -> ExitCode {
@@ -176,7 +176,7 @@ fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match runtime().build() {
+    let runtime = match app::runtime().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -190,21 +190,6 @@ fn serve(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// One CPU (a pinned process, or a container limited to one core): tokio's current-thread
-/// runtime, which served a cached check with 10-15% less CPU than the multi-thread runtime
-/// with its one worker (docs/performance.md). More CPUs: the multi-thread runtime, one worker
-/// per CPU. `available_parallelism` follows the affinity mask and the cgroup CPU quota.
-fn runtime() -> tokio::runtime::Builder {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let mut builder = if cpus == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    builder.enable_all();
-    builder
 }
 
 fn check_config(path: &Path) -> ExitCode {
