@@ -1,10 +1,11 @@
 //! The floor for the benchmarks (issue 6): an ext_authz gRPC server that answers every
 //! `Check` with an explicit OK status and an empty `ok_response`, on the same stack as audgate
-//! (tonic, TCP_NODELAY, tokio multi-thread runtime unless `--runtime current`). Whatever it
-//! costs per check, any ext_authz server written with tonic costs at least that.
+//! (tonic, TCP_NODELAY, and by default the runtime `audgate serve` picks: current-thread on one
+//! CPU, else multi-thread). Whatever it costs per check, any ext_authz server written with tonic
+//! costs at least that.
 //!
 //! ```sh
-//! cargo run --release --example allow_all -- --listen 127.0.0.1:27291 [--runtime current|multi]
+//! cargo run --release --example allow_all -- --listen 127.0.0.1:27291 [--runtime auto|current|multi]
 //! ```
 
 use envoy_types::ext_authz::v3::pb::{
@@ -33,19 +34,20 @@ impl Authorization for AllowAll {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut listen = "127.0.0.1:27291".to_owned();
-    let mut runtime = "multi".to_owned();
+    let mut runtime = "auto".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => listen = args.next().ok_or("--listen needs ADDR")?,
-            "--runtime" => runtime = args.next().ok_or("--runtime needs current|multi")?,
+            "--runtime" => runtime = args.next().ok_or("--runtime needs auto|current|multi")?,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
     let rt = match runtime.as_str() {
+        "auto" => audgate::app::runtime().build()?,
         "current" => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
         "multi" => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
-        other => return Err(format!("--runtime {other}: current or multi").into()),
+        other => return Err(format!("--runtime {other}: auto, current or multi").into()),
     };
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&listen).await?;

@@ -6,6 +6,8 @@
 #   3. end to end through real Envoy with wrk: no auth, jwt_authn, jwt_authn + jwt_cache_config,
 #      ext_authz -> allow-all, ext_authz -> audgate                (benches/envoy/bench.yaml)
 #   4. memory: audgate's RSS idle and under load with 100,000 distinct tokens
+#   5. with --instructions: instructions per check under callgrind, floor vs audgate
+#      (scripts/bench-instructions.sh): the measure that other load on the machine cannot move
 # and prints one table of medians over --rounds rounds, as ratios against the baselines of the
 # same run. Variants take turns within each round, so machine noise spreads over all of them.
 #
@@ -15,14 +17,14 @@
 #
 # usage: scripts/bench.sh [--rounds N] [--duration S] [--quick] [--no-build]
 #                         [--skip-micro] [--skip-grpc] [--skip-envoy] [--skip-memory]
-#                         [--variants] [--memory-tokens N] [--table RESULTS]
+#                         [--variants] [--instructions] [--memory-tokens N] [--table RESULTS]
 # Results: target/bench/summary.txt (the table), target/bench/results.txt (raw lines),
 # target/bench/*.log (server logs), target/bench/criterion.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=3 DURATION=10 WARMUP=2 MEM_DURATION=20 CONNS=32 MEMORY_TOKENS=100000
-BUILD=1 MICRO=1 GRPC=1 ENVOY=1 MEMORY=1 VARIANTS=0 TABLE_ONLY=
+BUILD=1 MICRO=1 GRPC=1 ENVOY=1 MEMORY=1 VARIANTS=0 INSTRUCTIONS=0 TABLE_ONLY=
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS=$2; shift ;;
@@ -34,9 +36,10 @@ while [ $# -gt 0 ]; do
     --skip-envoy) ENVOY=0 ;;
     --skip-memory) MEMORY=0 ;;
     --variants) VARIANTS=1 ;;
+    --instructions) INSTRUCTIONS=1 ;;
     --memory-tokens) MEMORY_TOKENS=$2; shift ;;
     --table) TABLE_ONLY=$2; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -421,4 +424,10 @@ if [ "$MEMORY" = 1 ]; then
 fi
 
 echo "MACHINE loadavg_end=$(cut -d' ' -f1 /proc/loadavg)" >> "$RESULTS"
+cleanup
 table "$RESULTS" | tee "$OUT/summary.txt"
+if [ "$INSTRUCTIONS" = 1 ]; then
+  echo "== instructions per check (callgrind)" >&2
+  echo | tee -a "$OUT/summary.txt"
+  scripts/bench-instructions.sh --no-build | tee -a "$OUT/summary.txt"
+fi
