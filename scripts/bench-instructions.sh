@@ -35,7 +35,7 @@ RESULTS=$OUT/instructions.txt
 : > "$RESULTS"
 PID=
 
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null || true; }
+cleanup() { if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 
 # A copy of an audgate config from target/bench with its three listeners moved to BASE+0..2.
@@ -75,8 +75,8 @@ measure() { # LABEL PORT TOKENS -- COMMAND...
   local checks ok ir
   checks=$(echo "$result" | grep -o ' checks=[0-9]*' | cut -d= -f2)
   ok=$(echo "$result" | grep -o ' failed=[0-9]*' | cut -d= -f2)
-  ir=$(grep -h '^totals:' "$dump".* | awk '{ s += $2 } END { print s }')
-  echo "INSTR label=$label checks=$checks failed=$ok instructions=$ir per_check=$((ir / checks))" | tee -a "$RESULTS" >&2
+  ir=$(grep -h '^totals:' "$dump".* | awk '{ s += $2 } END { printf "%.0f", s }')
+  echo "INSTR label=$label checks=$checks failed=$ok instructions=$ir per_check=$(awk -v i="$ir" -v c="$checks" 'BEGIN { printf "%.0f", i / c }')" | tee -a "$RESULTS" >&2
 }
 
 measure floor 28291 tokens-rs256-1.txt -- "$REL/examples/allow_all" --listen 127.0.0.1:28291
