@@ -36,8 +36,11 @@ pub const MAX_ADMIN_CONNECTIONS: usize = 256;
 /// File descriptors kept out of every listener's reach: JWKS fetches, config reads, the
 /// directory watch, logs.
 const RESERVED_FILES: u64 = 128;
-/// How often readiness is re-evaluated for gRPC health.
-const HEALTH_POLL: Duration = Duration::from_millis(200);
+/// How often readiness is re-evaluated for gRPC health: often while not ready, so gRPC health
+/// turns SERVING within milliseconds of `/readyz` (an Envoy health check right after keys load
+/// must not see NOT_SERVING), and at a calmer pace once serving.
+const HEALTH_POLL_NOT_READY: Duration = Duration::from_millis(10);
+const HEALTH_POLL_READY: Duration = Duration::from_millis(200);
 /// The gRPC service names health is reported for ("" is the whole server).
 const HEALTH_SERVICES: [&str; 2] = ["", "envoy.service.auth.v3.Authorization"];
 
@@ -265,7 +268,12 @@ async fn report_health(state: Arc<State>, health: tonic_health::server::HealthRe
             }
             tracing::info!(ready, "readiness changed");
         }
-        tokio::time::sleep(HEALTH_POLL).await;
+        tokio::time::sleep(if serving {
+            HEALTH_POLL_READY
+        } else {
+            HEALTH_POLL_NOT_READY
+        })
+        .await;
     }
 }
 

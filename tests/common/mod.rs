@@ -2081,7 +2081,7 @@ impl Envoy {
             .arg("--concurrency")
             .arg("1")
             .arg("-l")
-            .arg("warning")
+            .arg(std::env::var("AUDGATE_TEST_ENVOY_LOG").unwrap_or_else(|_| "warning".into()))
             // Flush the access log (stdout) often, so logs printed on failure are complete.
             .arg("--file-flush-interval-msec")
             .arg("100")
