@@ -132,10 +132,23 @@ pub fn load_config(path: &std::path::Path) -> Result<Config, String> {
     }
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))?;
+/// Connections the kernel queues for a listener that has not accepted them yet (capped by
+/// `net.core.somaxconn`). tokio's `TcpListener::bind` asks for 128: a burst of sidecars
+/// connecting at once, or a listener at its connection limit, would see SYNs dropped and
+/// retried for seconds.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
+    let cannot = |e: std::io::Error| format!("cannot listen on {addr} ({what}): {e}");
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(cannot)?;
+    socket.set_reuseaddr(true).map_err(cannot)?;
+    socket.bind(addr).map_err(cannot)?;
+    let listener = socket.listen(LISTEN_BACKLOG).map_err(cannot)?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(addr = %local, "{what} listening");
     Ok(listener)
@@ -156,9 +169,9 @@ pub async fn run(
     let admin_explain = config.admin_explain;
     let state = Arc::new(State::new(Snapshot::new(config, keys), config_path));
 
-    let grpc_listener = bind(listen.grpc, "gRPC ext_authz (listen.grpc)").await?;
-    let http_listener = bind(listen.http, "HTTP authorization (listen.http)").await?;
-    let admin_listener = bind(listen.admin, "admin (listen.admin)").await?;
+    let grpc_listener = bind(listen.grpc, "gRPC ext_authz (listen.grpc)")?;
+    let http_listener = bind(listen.http, "HTTP authorization (listen.http)")?;
+    let admin_listener = bind(listen.admin, "admin (listen.admin)")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
 
