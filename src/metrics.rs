@@ -11,7 +11,7 @@ use std::time::Duration;
 use metrics::{Counter, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::authz::{Reason, Verdict};
+use crate::authz::{NO_ROUTE, Reason, Verdict};
 
 const CHECKS: &str = "audgate_checks_total";
 const CHECK_DURATION: &str = "audgate_check_duration_seconds";
@@ -52,9 +52,6 @@ pub fn install() -> Result<PrometheusHandle, String> {
     }
     Ok(handle)
 }
-
-/// The route label when no route matched.
-pub const NO_ROUTE: &str = "-";
 
 const VERDICTS: usize = 4;
 

@@ -105,7 +105,10 @@ struct View<'a> {
 impl TokenMemo for View<'_> {
     fn get(&self, token: &str) -> Option<VerifiedToken> {
         let cache = self.cache.cache.as_ref()?;
-        let (key, payload) = split(token)?;
+        let Some((key, payload)) = split(token) else {
+            self.cache.metrics.record(false);
+            return None;
+        };
         let found = cache.get(&key).filter(|t| {
             t.claims().payload_b64 == payload && t.key_generation() == self.keys.issuer(t.issuer()).generation()
         });

@@ -8,6 +8,9 @@ use super::jwt::VerifiedToken;
 use super::reason::{Denial, Reason};
 use super::route::{IssuerId, Mode, Route};
 
+/// The route name reported when no route matched (SPEC.md: the `route` label is `-`).
+pub const NO_ROUTE: &str = "-";
+
 /// The four outcomes a check can have; also the `decision` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -76,8 +79,9 @@ impl<'p> Decision<'p> {
         }
     }
 
+    /// The route's name, or [`NO_ROUTE`]: the `route` of metrics, logs and metadata.
     pub fn route_name(&self) -> &'p str {
-        self.route.map_or("-", |r| r.name.as_str())
+        self.route.map_or(NO_ROUTE, |r| r.name.as_str())
     }
 
     pub fn subject(&self) -> Option<&str> {

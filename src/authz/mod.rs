@@ -18,7 +18,7 @@ pub mod token;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub use decision::{ClaimHeader, ClaimValue, Decision, Metadata, Response, Verdict, respond};
+pub use decision::{ClaimHeader, ClaimValue, Decision, Metadata, NO_ROUTE, Response, Verdict, respond};
 pub use jwt::{Alg, Issuer, VerifiedToken};
 pub use reason::{Denial, Reason};
 pub use request::CheckInput;
