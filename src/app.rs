@@ -105,7 +105,8 @@ impl State {
 
 /// The runtime for `audgate serve`. One CPU (a pinned process, or a container limited to one
 /// core): tokio's current-thread runtime, which served a cached check with 10-15% less CPU than
-/// the multi-thread runtime with its one worker (docs/performance.md). More CPUs: the
+/// the multi-thread runtime with its one worker on a busy machine, and no more on a quiet one
+/// (docs/performance.md). More CPUs: the
 /// multi-thread runtime, one worker per CPU. `available_parallelism` follows the affinity mask
 /// and the cgroup CPU quota.
 pub fn runtime() -> tokio::runtime::Builder {
