@@ -5,6 +5,7 @@
 //!               [--configs 'audgate:default:27191,27192,27901;audgate-nocache:off:27391,27392,27902']
 //! loadgen run   --target 127.0.0.1:27191 --tokens DIR/tokens-rs256-1.txt [--connections 32]
 //!               [--depth 1] [--duration 10] [--warmup 2] [--server-pid PID] [--label NAME]
+//!               [--rate CHECKS_PER_S]
 //!               [--expect allow]
 //! loadgen cost  --config DIR/audgate.yaml --tokens DIR/tokens-rs256-1.txt [--seconds 2]
 //! ```
@@ -292,6 +293,9 @@ fn run(args: &Args) -> Result<(), Error> {
     let label = args.get("label").unwrap_or("run").to_owned();
     let server_pid = args.get("server-pid").map(str::to_owned);
     let expect_allow = args.get("expect") != Some("any");
+    // Open loop: every worker sends on a fixed schedule, `workers / rate` apart, and latency
+    // counts from the scheduled time (a late send is waiting too). 0: closed loop.
+    let rate: f64 = args.num("rate", 0.0)?;
     let requests = if tokens.len() <= 20_000 {
         Requests::Encoded(tokens.iter().enumerate().map(|(i, t)| encode(t, i)).collect())
     } else {
@@ -315,7 +319,16 @@ fn run(args: &Args) -> Result<(), Error> {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Tally::default());
         let mut workers = Vec::new();
-        for i in 0..connections * depth {
+        let workers_n = connections * depth;
+        let schedule_start = tokio::time::Instant::now();
+        for i in 0..workers_n {
+            let schedule = (rate > 0.0).then(|| {
+                let interval = Duration::from_secs_f64(workers_n as f64 / rate);
+                Schedule {
+                    next: schedule_start + interval.mul_f64(i as f64 / workers_n as f64),
+                    interval,
+                }
+            });
             let channel = channels[i % connections].clone();
             let (requests, next, measuring, stop, tally) = (
                 Arc::clone(&requests),
@@ -332,6 +345,7 @@ fn run(args: &Args) -> Result<(), Error> {
                 stop,
                 tally,
                 expect_allow,
+                schedule,
             )));
         }
         tokio::time::sleep(warmup).await;
@@ -370,7 +384,7 @@ fn run(args: &Args) -> Result<(), Error> {
         let client_cpu = client_after - client_before;
         let per_check = |cpu: f64| cpu / n.max(1) as f64 * 1e6;
         println!(
-            "RESULT label={label} checks={n} rps={:.0} server_cpu_us={:.2} server_util={:.2} client_cpu_us={:.2} client_util={:.2} p50_us={:.1} p99_us={:.1} p999_us={:.1} ok={ok} denied={denied} failed={failed} conns={connections} depth={depth} tokens={} request_bytes={request_bytes}",
+            "RESULT label={label} checks={n} rps={:.0} server_cpu_us={:.2} server_util={:.2} client_cpu_us={:.2} client_util={:.2} p50_us={:.1} p99_us={:.1} p999_us={:.1} ok={ok} denied={denied} failed={failed} conns={connections} depth={depth} rate={rate} tokens={} request_bytes={request_bytes}",
             n as f64 / elapsed,
             per_check(server_cpu),
             server_cpu / elapsed,
@@ -388,6 +402,13 @@ fn run(args: &Args) -> Result<(), Error> {
     })
 }
 
+/// When an open-loop worker sends its next check, and how far apart its checks are.
+struct Schedule {
+    next: tokio::time::Instant,
+    interval: Duration,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn worker(
     channel: Channel,
     requests: Arc<Requests>,
@@ -396,14 +417,23 @@ async fn worker(
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
     expect_allow: bool,
+    mut schedule: Option<Schedule>,
 ) -> Vec<u32> {
     let mut client = tonic::client::Grpc::new(channel);
     let path = PathAndQuery::from_static("/envoy.service.auth.v3.Authorization/Check");
     let mut latencies = Vec::with_capacity(1 << 16);
     while !stop.load(Ordering::Acquire) {
         let body = requests.get(next.fetch_add(1, Ordering::Relaxed));
+        let started = match &mut schedule {
+            Some(s) => {
+                tokio::time::sleep_until(s.next).await;
+                let due = s.next.into_std();
+                s.next += s.interval;
+                due
+            }
+            None => Instant::now(),
+        };
         let counted = measuring.load(Ordering::Acquire);
-        let started = Instant::now();
         let result = match client.ready().await {
             Ok(()) => client.unary(tonic::Request::new(body), path.clone(), RawCodec).await,
             Err(e) => Err(tonic::Status::unavailable(e.to_string())),
