@@ -293,8 +293,10 @@ fn run(args: &Args) -> Result<(), Error> {
     let label = args.get("label").unwrap_or("run").to_owned();
     let server_pid = args.get("server-pid").map(str::to_owned);
     let expect_allow = args.get("expect") != Some("any");
-    // Open loop: every worker sends on a fixed schedule, `workers / rate` apart, and latency
-    // counts from the scheduled time (a late send is waiting too). 0: closed loop.
+    // Open loop: every worker sends on a fixed schedule, `workers / rate` apart, so the
+    // offered load is fixed below saturation; 0: closed loop. Latency counts from the send,
+    // not from the scheduled time: tokio's timer wakes a worker up to 1 ms late, which would
+    // drown a difference of microseconds.
     let rate: f64 = args.num("rate", 0.0)?;
     let requests = if tokens.len() <= 20_000 {
         Requests::Encoded(tokens.iter().enumerate().map(|(i, t)| encode(t, i)).collect())
@@ -424,15 +426,11 @@ async fn worker(
     let mut latencies = Vec::with_capacity(1 << 16);
     while !stop.load(Ordering::Acquire) {
         let body = requests.get(next.fetch_add(1, Ordering::Relaxed));
-        let started = match &mut schedule {
-            Some(s) => {
-                tokio::time::sleep_until(s.next).await;
-                let due = s.next.into_std();
-                s.next += s.interval;
-                due
-            }
-            None => Instant::now(),
-        };
+        if let Some(s) = &mut schedule {
+            tokio::time::sleep_until(s.next).await;
+            s.next += s.interval;
+        }
+        let started = Instant::now();
         let counted = measuring.load(Ordering::Acquire);
         let result = match client.ready().await {
             Ok(()) => client.unary(tonic::Request::new(body), path.clone(), RawCodec).await,
