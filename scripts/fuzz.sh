@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of audgate's parsers and decision core with cargo-fuzz (libFuzzer).
 #
-#   scripts/fuzz.sh TARGET [SECONDS]    run one target (default 300 s): jwt, evaluate, config, jwks
+#   scripts/fuzz.sh TARGET [SECONDS]    run one target (default 300 s): jwt, evaluate, config, jwks, path
 #   scripts/fuzz.sh all [SECONDS]       every target in turn, SECONDS each
 #   scripts/fuzz.sh --smoke             every target for 30 s (a quick check after a change)
 #   scripts/fuzz.sh --merge TARGET      fold what a run found (fuzz/work/TARGET) into the
@@ -26,7 +26,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGETS=(jwt evaluate config jwks)
+TARGETS=(jwt evaluate config jwks path)
 export RUSTC_BOOTSTRAP=1
 # libFuzzer: -timeout (s) turns a slow input into a finding ("no hang"); bounded memory.
 LIBFUZZER_FLAGS=(-timeout=10 -rss_limit_mb=2048 -max_len=20000 -print_final_stats=1)
@@ -77,7 +77,7 @@ case "${1:-}" in
     need_cargo_fuzz
     for t in "${TARGETS[@]}"; do run "$t" "${2:-300}"; done
     ;;
-  jwt | evaluate | config | jwks)
+  jwt | evaluate | config | jwks | path)
     need_cargo_fuzz
     run "$1" "${2:-300}"
     ;;

@@ -3,12 +3,14 @@
 //! `audgate explain --server HOST:PORT` uses. It explains with the running instance's config
 //! and cached keys: what an operator inside a mesh needs when neither is on their laptop.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use crate::app::State;
 use crate::explain::{self, Signatures};
+use crate::serve::Peer;
 
 /// The generated types and services.
 pub mod pb {
@@ -51,9 +53,21 @@ pub fn request_from(r: &ExplainRequest) -> Result<explain::Request, Status> {
     })
 }
 
+/// Explain reveals every route and its rules: only a peer on this host may ask (loopback,
+/// also as an IPv4-mapped IPv6 address). An unknown peer is refused.
+pub fn explain_allowed(peer: Option<SocketAddr>) -> bool {
+    peer.is_some_and(|p| p.ip().to_canonical().is_loopback())
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn explain(&self, request: Request<ExplainRequest>) -> Result<Response<ExplainResponse>, Status> {
+        let peer = request.extensions().get::<Peer>().map(|p| p.0);
+        if !explain_allowed(peer) {
+            return Err(Status::permission_denied(
+                "audgate.v1.Admin/Explain answers loopback peers only (kubectl port-forward, or from inside the pod): it reveals the routes and their rules",
+            ));
+        }
         let r = request.into_inner();
         let req = request_from(&r)?;
         let snapshot = self.state.snapshot();
@@ -101,4 +115,26 @@ pub async fn explain_remote(server: &str, request: ExplainRequest) -> Result<Exp
             ),
             _ => format!("{url}: {}", s.message()),
         })
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::explain_allowed;
+
+    #[test]
+    fn only_loopback_peers_may_explain() {
+        for ok in ["127.0.0.1:5", "127.9.8.7:5", "[::1]:5", "[::ffff:127.0.0.1]:5"] {
+            assert!(explain_allowed(Some(ok.parse().unwrap())), "{ok}");
+        }
+        for no in [
+            "10.0.0.1:5",
+            "192.168.1.2:5",
+            "[::ffff:10.0.0.1]:5",
+            "[fe80::1]:5",
+            "0.0.0.0:5",
+        ] {
+            assert!(!explain_allowed(Some(no.parse().unwrap())), "{no}");
+        }
+        assert!(!explain_allowed(None));
+    }
 }

@@ -65,12 +65,18 @@ pub async fn check<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>) -> Decisi
             decision = authz::evaluate_with_memo(policy, input, keys, &memo, unix_now());
         }
     }
+    record(snapshot, &decision, input, started);
+    decision
+}
+
+/// Count and log a decision (also one an adapter made itself, such as a request it could not
+/// read); `started` is when the check began.
+pub fn record(snapshot: &Snapshot, decision: &Decision<'_>, input: &CheckInput<'_>, started: Instant) {
     let elapsed = started.elapsed();
     snapshot
         .metrics
         .record(decision.route_name(), decision.verdict, decision.reason, elapsed);
-    log(snapshot, &decision, input, elapsed);
-    decision
+    log(snapshot, decision, input, elapsed);
 }
 
 fn log(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>, elapsed: Duration) {

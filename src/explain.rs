@@ -226,6 +226,7 @@ fn route_step(policy: &Policy, input: &CheckInput<'_>, decision: &Decision<'_>) 
         Selected::Route(r) => Some(r),
         Selected::NoRoute { .. } => None,
     };
+    let target = input.target();
     let tried = routes
         .iter()
         .take_while(|r| matched.is_none_or(|m| !std::ptr::eq(*r, m)))
@@ -233,22 +234,24 @@ fn route_step(policy: &Policy, input: &CheckInput<'_>, decision: &Decision<'_>) 
             format!(
                 "{} (its {} does not match)",
                 r.name,
-                r.matcher.mismatch(input).unwrap_or("match")
+                r.matcher.mismatch(&target).unwrap_or("match")
             )
         })
         .collect();
+    // the request as matched; the path as sent too when normalizing changed it
+    let mut request = format!(
+        "{} {}{}",
+        jwt::readable(input.method),
+        jwt::readable(target.host),
+        jwt::readable(&target.path)
+    );
+    if target.path != input.path_only() {
+        request.push_str(&format!(" (sent as {})", jwt::readable(input.path_only())));
+    }
     let how = match matched {
-        Some(_) => format!(
-            "matched {} {}{}",
-            jwt::readable(input.method),
-            jwt::readable(input.hostname()),
-            jwt::readable(input.path_only())
-        ),
+        Some(_) => format!("matched {request}"),
         None => format!(
-            "no route matched {} {}{}; default: {}",
-            jwt::readable(input.method),
-            jwt::readable(input.hostname()),
-            jwt::readable(input.path_only()),
+            "no route matched {request}; default: {}",
             match policy.routes.default {
                 authz::DefaultAction::Deny => "deny",
                 authz::DefaultAction::Allow => "allow",

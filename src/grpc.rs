@@ -38,8 +38,13 @@ impl Authorization for AuthorizationService {
         let decision = tokio::time::timeout(CHECK_TIMEOUT, check::check(&snapshot, &input))
             .await
             .map_err(|_| Status::deadline_exceeded(format!("no decision within {CHECK_TIMEOUT:?}")))?;
-        let response = authz::respond(&snapshot.config.policy, &decision);
-        Ok(GrpcResponse::new(convert::check_response(response)))
+        let policy = &snapshot.config.policy;
+        let response = authz::respond(policy, &decision);
+        let removal = match decision.verdict {
+            authz::Verdict::Allow | authz::Verdict::DryRunDeny => authz::token::removal(&policy.token, &input),
+            authz::Verdict::Deny | authz::Verdict::Error => authz::TokenRemoval::default(),
+        };
+        Ok(GrpcResponse::new(convert::check_response(response, removal)))
     }
 }
 
@@ -55,7 +60,7 @@ mod convert {
     use envoy_types::pb::google::rpc;
 
     use super::ROUTE_CONTEXT_KEY;
-    use crate::authz::{CheckInput, Metadata, Response};
+    use crate::authz::{CheckInput, Metadata, Response, TokenRemoval};
 
     /// Borrow what the core needs from Envoy's request; `empty` stands in for absent headers.
     pub fn input<'a>(req: &'a CheckRequest, empty: &'a HashMap<String, String>) -> CheckInput<'a> {
@@ -121,17 +126,32 @@ mod convert {
     }
 
     /// Every answer carries an explicit status: Envoy treats a missing one as OK. Takes the
-    /// response by value: its strings move into the message instead of being copied.
-    pub fn check_response(r: Response<'_>) -> CheckResponse {
+    /// response by value: its strings move into the message instead of being copied. `token`
+    /// is what `token.forward: false` takes out of an allowed request.
+    pub fn check_response(r: Response<'_>, token: TokenRemoval<'_>) -> CheckResponse {
         let (code, http_response) = match r.status {
-            200 => (
-                tonic::Code::Ok,
-                HttpResponse::OkResponse(OkHttpResponse {
-                    headers: r.upstream_headers.into_iter().map(|(k, v)| overwrite(k, v)).collect(),
-                    headers_to_remove: r.remove_headers.iter().map(|h| (*h).to_owned()).collect(),
+            200 => {
+                let mut headers: Vec<HeaderValueOption> =
+                    r.upstream_headers.into_iter().map(|(k, v)| overwrite(k, v)).collect();
+                let mut headers_to_remove: Vec<String> = r
+                    .remove_headers
+                    .iter()
+                    .chain(&token.headers)
+                    .map(|h| (*h).to_owned())
+                    .collect();
+                match token.cookie {
+                    Some(cookie) if cookie.is_empty() => headers_to_remove.push("cookie".to_owned()),
+                    Some(cookie) => headers.push(overwrite("cookie", cookie)),
+                    None => {}
+                }
+                let ok = OkHttpResponse {
+                    headers,
+                    headers_to_remove,
+                    query_parameters_to_remove: token.query_parameters.iter().map(|q| (*q).to_owned()).collect(),
                     ..Default::default()
-                }),
-            ),
+                };
+                (tonic::Code::Ok, HttpResponse::OkResponse(ok))
+            }
             status => {
                 let denied = DeniedHttpResponse {
                     status: Some(HttpStatus {
@@ -209,7 +229,7 @@ mod tests {
                 issuer: "kc".into(),
             },
         };
-        let out = convert::check_response(response);
+        let out = convert::check_response(response, authz::TokenRemoval::default());
         assert_eq!(out.status.as_ref().map(|s| s.code), Some(0));
         let Some(HttpResponse::OkResponse(ok)) = out.http_response else {
             panic!("expected ok_response")

@@ -1,22 +1,24 @@
-//! The HTTP authorization endpoint, for Envoy's `http_service`, nginx `auth_request` and
-//! Traefik ForwardAuth. Any method, any path. The request to decide on is read from Traefik's
-//! `X-Forwarded-Method/-Uri/-Host` if present, else nginx's `X-Original-Method/-URI` (or
-//! ingress-nginx's `X-Original-URL`), else the request itself minus `http_endpoint.path_prefix`
-//! (Envoy sends the original method, Host and path). Allow is exactly 200 (Envoy's rule), with
-//! the claim headers in the response; deny carries the same status, challenge and body as gRPC.
+//! The HTTP authorization endpoint, for Envoy's `http_service`, nginx `auth_request`,
+//! ingress-nginx and Traefik ForwardAuth. Any method, any path. The request to decide on is
+//! read from the headers of the one proxy `http_endpoint.proxy` names, and only those
+//! ([`Original::read`]): a client can send any other convention's headers, and they must not
+//! choose what is checked. Allow is exactly 200 (Envoy's rule), with the claim headers in the
+//! response; deny carries the same status, challenge and body as gRPC.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State as Extract};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::Response;
 
 use crate::app::State;
 use crate::authz::{self, CheckInput};
 use crate::check;
+use crate::config::Proxy;
 
 /// Envoy's `http_service` removes the request headers this response header names.
 pub const HEADERS_TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
@@ -26,25 +28,54 @@ pub fn router(state: Arc<State>) -> Router {
 }
 
 async fn authorize(Extract(state): Extract<Arc<State>>, request: Request) -> Response {
+    let started = Instant::now();
     let (parts, _body) = request.into_parts(); // the body is never read
     let headers = header_map(&parts.headers);
     let snapshot = state.snapshot();
-    let own_path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let original = Original::from_request(
+    let endpoint = &snapshot.config.http_endpoint;
+    let original = Original::read(
+        endpoint.proxy,
         parts.method.as_str(),
-        own_path,
-        &headers,
-        &snapshot.config.http_endpoint.path_prefix,
+        &parts.uri,
+        &parts.headers,
+        &endpoint.path_prefix,
     );
-    let input = CheckInput {
-        method: &original.method,
-        host: &original.host,
-        path: &original.path,
-        headers: &headers,
-        route_hint: None,
-    };
-    let decision = check::check(&snapshot, &input).await;
-    to_http(&authz::respond(&snapshot.config.policy, &decision))
+    let policy = &snapshot.config.policy;
+    match original {
+        Ok(original) => {
+            let input = CheckInput {
+                method: &original.method,
+                host: &original.host,
+                path: &original.path,
+                headers: &headers,
+                route_hint: None,
+            };
+            let decision = check::check(&snapshot, &input).await;
+            let removal = match decision.verdict {
+                authz::Verdict::Allow | authz::Verdict::DryRunDeny => authz::token::removal(&policy.token, &input),
+                authz::Verdict::Deny | authz::Verdict::Error => authz::TokenRemoval::default(),
+            };
+            to_http(&authz::respond(policy, &decision), &removal)
+        }
+        Err(missing) => {
+            let description = format!(
+                "the request to check is unknown: the {} header that http_endpoint.proxy {} sends is missing or repeated",
+                missing,
+                endpoint.proxy.name()
+            );
+            let decision = authz::unreadable_request(description);
+            let own_path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let input = CheckInput {
+                method: parts.method.as_str(),
+                host: "",
+                path: own_path,
+                headers: &headers,
+                route_hint: None,
+            };
+            check::record(&snapshot, &decision, &input, started);
+            to_http(&authz::respond(policy, &decision), &authz::TokenRemoval::default())
+        }
+    }
 }
 
 /// Lower-case names; repeated headers joined with `,` as Envoy does for gRPC.
@@ -71,58 +102,103 @@ struct Original {
 }
 
 impl Original {
-    fn from_request(method: &str, path: &str, headers: &HashMap<String, String>, prefix: &str) -> Original {
-        let h = |name: &str| headers.get(name).map(String::as_str).filter(|v| !v.is_empty());
-        let own_host = h("host").unwrap_or_default();
-        let pick = |method_h: Option<&str>, host: Option<&str>, path: Option<&str>| Original {
-            method: method_h.unwrap_or(method).to_owned(),
-            host: host.unwrap_or(own_host).to_owned(),
-            path: path.unwrap_or("/").to_owned(),
+    /// The request `proxy` describes, from its headers only; `Err` names a header the
+    /// convention needs that is missing, empty or sent more than once.
+    fn read(
+        proxy: Proxy,
+        method: &str,
+        uri: &Uri,
+        headers: &HeaderMap,
+        prefix: &str,
+    ) -> Result<Original, &'static str> {
+        let one = |name: &'static str| -> Result<&str, &'static str> {
+            let mut values = headers.get_all(name).iter();
+            match (values.next(), values.next()) {
+                (Some(v), None) => v.to_str().ok().filter(|v| !v.is_empty()).ok_or(name),
+                _ => Err(name),
+            }
         };
-        if h("x-forwarded-uri").is_some() || h("x-forwarded-method").is_some() {
-            return pick(h("x-forwarded-method"), h("x-forwarded-host"), h("x-forwarded-uri"));
-        }
-        if ["x-original-uri", "x-original-url", "x-original-method"]
-            .iter()
-            .any(|n| h(n).is_some())
-        {
-            let (url_host, url_path) = h("x-original-url").map(split_url).unwrap_or((None, None));
-            return pick(h("x-original-method"), url_host, h("x-original-uri").or(url_path));
-        }
-        let stripped = match path.strip_prefix(prefix) {
-            Some(rest) if !prefix.is_empty() && (rest.is_empty() || rest.starts_with(['/', '?'])) => rest,
-            _ => path,
-        };
-        let path = if stripped.starts_with('/') {
-            stripped.to_owned()
-        } else {
-            format!("/{stripped}")
-        };
-        Original {
+        let original = |method: &str, host: &str, path: &str| Original {
             method: method.to_owned(),
-            host: own_host.to_owned(),
-            path,
+            host: host.to_owned(),
+            path: path.to_owned(),
+        };
+        match proxy {
+            Proxy::Envoy => {
+                // HTTP/2 (and an absolute-form HTTP/1 target) carry the host in the URI
+                let host = match uri.authority() {
+                    Some(authority) => authority.as_str(),
+                    None => one("host")?,
+                };
+                let own_path = uri.path_and_query().map_or("/", |p| p.as_str());
+                Ok(original(method, host, &strip_prefix(own_path, prefix)))
+            }
+            Proxy::Nginx => Ok(original(
+                one("x-original-method")?,
+                one("host")?,
+                one("x-original-uri")?,
+            )),
+            Proxy::IngressNginx => {
+                let (host, path) = split_url(one("x-original-url")?).ok_or("x-original-url")?;
+                Ok(original(one("x-original-method")?, host, path))
+            }
+            Proxy::Traefik => Ok(original(
+                one("x-forwarded-method")?,
+                one("x-forwarded-host")?,
+                one("x-forwarded-uri")?,
+            )),
         }
     }
 }
 
-/// `https://shop.example.com:8443/api/x?y` -> (`shop.example.com:8443`, `/api/x?y`).
-fn split_url(url: &str) -> (Option<&str>, Option<&str>) {
-    let Some((_, rest)) = url.split_once("://") else {
-        return (None, Some(url));
+/// `path` without Envoy's `http_service.path_prefix`, which ends at a segment boundary.
+fn strip_prefix(path: &str, prefix: &str) -> String {
+    let stripped = match path.strip_prefix(prefix) {
+        Some(rest) if !prefix.is_empty() && (rest.is_empty() || rest.starts_with(['/', '?'])) => rest,
+        _ => path,
     };
-    match rest.find(['/', '?']) {
-        Some(i) => (Some(&rest[..i]), Some(&rest[i..])),
-        None => (Some(rest), None),
+    if stripped.starts_with('/') {
+        stripped.to_owned()
+    } else {
+        format!("/{stripped}")
     }
 }
 
-fn to_http(r: &authz::Response<'_>) -> Response {
+/// An absolute URL (ingress-nginx's `X-Original-URL`, `$scheme://$http_host$request_uri`) ->
+/// host and path: `https://shop.example.com:8443/api/x?y` -> (`shop.example.com:8443`,
+/// `/api/x?y`). Anything that is not an absolute http(s) URL with a host is refused.
+fn split_url(url: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let (host, path) = match rest.find(['/', '?']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    (!host.is_empty() && !host.contains('@')).then_some((host, path))
+}
+
+/// The answer for the proxy. `token` lists what carries the token under `token.forward:
+/// false`: its headers join `x-envoy-auth-headers-to-remove`, and a cookie source's `Cookie`
+/// header comes back rewritten (Envoy copies it when `allowed_upstream_headers` lists
+/// `cookie`). Query parameters cannot be removed through this endpoint (docs/security.md).
+fn to_http(r: &authz::Response<'_>, token: &authz::TokenRemoval<'_>) -> Response {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = Response::new(Body::from(r.body.clone()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     let mut removed: Vec<&str> = r.remove_headers.clone();
+    removed.extend(&token.headers);
+    match token.cookie.as_deref() {
+        Some("") => removed.push("cookie"),
+        Some(cookie) => {
+            if let Ok(v) = HeaderValue::from_str(cookie) {
+                headers.insert(axum::http::header::COOKIE, v);
+            }
+        }
+        None => {}
+    }
     for (name, value) in &r.upstream_headers {
         match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
             (Ok(n), Ok(v)) => {
@@ -148,71 +224,187 @@ fn to_http(r: &authz::Response<'_>) -> Response {
 mod tests {
     use super::*;
 
-    fn original(method: &str, path: &str, headers: &[(&str, &str)], prefix: &str) -> Original {
-        let map = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Original::from_request(method, path, &map, prefix)
+    fn read(
+        proxy: Proxy,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        prefix: &str,
+    ) -> Result<Original, &'static str> {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        Original::read(proxy, method, &uri.parse().unwrap(), &map, prefix)
     }
 
-    fn o(method: &str, host: &str, path: &str) -> Original {
-        Original {
+    fn o(method: &str, host: &str, path: &str) -> Result<Original, &'static str> {
+        Ok(Original {
             method: method.into(),
             host: host.into(),
             path: path.into(),
-        }
+        })
     }
+
+    /// Every convention's headers, as a client could add them to any request.
+    const SPOOFED: [(&str, &str); 7] = [
+        ("x-forwarded-method", "GET"),
+        ("x-forwarded-host", "public.example.com"),
+        ("x-forwarded-uri", "/public"),
+        ("x-original-method", "GET"),
+        ("x-original-uri", "/public"),
+        ("x-original-url", "https://public.example.com/public"),
+        ("x-envoy-original-path", "/public"),
+    ];
 
     #[test]
     fn envoy_sends_the_original_request_behind_a_prefix() {
         let h = [("host", "shop.example.com")];
         assert_eq!(
-            original("POST", "/authz/api/orders?id=7", &h, "/authz"),
+            read(Proxy::Envoy, "POST", "/authz/api/orders?id=7", &h, "/authz"),
             o("POST", "shop.example.com", "/api/orders?id=7")
         );
         assert_eq!(
-            original("GET", "/authz", &h, "/authz"),
+            read(Proxy::Envoy, "GET", "/authz", &h, "/authz"),
             o("GET", "shop.example.com", "/")
         );
         assert_eq!(
-            original("GET", "/authzx/a", &h, "/authz"),
+            read(Proxy::Envoy, "GET", "/authzx/a", &h, "/authz"),
             o("GET", "shop.example.com", "/authzx/a"),
             "prefix ends at a segment"
         );
-        assert_eq!(original("GET", "/api", &h, ""), o("GET", "shop.example.com", "/api"));
+        assert_eq!(
+            read(Proxy::Envoy, "GET", "/api", &h, ""),
+            o("GET", "shop.example.com", "/api")
+        );
     }
 
     #[test]
-    fn traefik_forwarded_headers_win_over_nginx_and_the_request() {
+    fn envoy_over_http2_names_the_host_in_the_authority() {
+        // hyper puts HTTP/2's :authority in the URI; there may be no Host header at all
+        assert_eq!(
+            read(Proxy::Envoy, "GET", "http://admin.example.com/api/orders", &[], ""),
+            o("GET", "admin.example.com", "/api/orders")
+        );
+        assert_eq!(
+            read(
+                Proxy::Envoy,
+                "GET",
+                "http://admin.example.com/x",
+                &[("host", "public.example.com")],
+                ""
+            ),
+            o("GET", "admin.example.com", "/x"),
+            "the authority wins over Host"
+        );
+        assert_eq!(read(Proxy::Envoy, "GET", "/x", &[], ""), Err("host"));
+    }
+
+    #[test]
+    fn envoy_ignores_every_other_conventions_headers() {
+        let mut h = vec![("host", "admin.example.com")];
+        h.extend(SPOOFED);
+        assert_eq!(
+            read(Proxy::Envoy, "DELETE", "/strict/secret", &h, ""),
+            o("DELETE", "admin.example.com", "/strict/secret")
+        );
+    }
+
+    #[test]
+    fn nginx_reads_only_original_method_and_uri_and_the_host() {
+        let mut h = vec![
+            ("host", "shop.example.com"),
+            ("x-original-method", "DELETE"),
+            ("x-original-uri", "/strict/secret?y=1"),
+        ];
+        h.extend(
+            SPOOFED
+                .iter()
+                .filter(|(k, _)| !k.starts_with("x-original-m") && *k != "x-original-uri"),
+        );
+        assert_eq!(
+            read(Proxy::Nginx, "GET", "/auth", &h, ""),
+            o("DELETE", "shop.example.com", "/strict/secret?y=1")
+        );
+        assert_eq!(
+            read(
+                Proxy::Nginx,
+                "GET",
+                "/auth",
+                &[("host", "s"), ("x-original-uri", "/a")],
+                ""
+            ),
+            Err("x-original-method")
+        );
+        assert_eq!(
+            read(
+                Proxy::Nginx,
+                "GET",
+                "/auth",
+                &[("host", "s"), ("x-original-method", "GET")],
+                ""
+            ),
+            Err("x-original-uri"),
+            "X-Original-URL does not stand in for X-Original-URI"
+        );
+    }
+
+    #[test]
+    fn a_repeated_convention_header_is_refused() {
+        let h = [
+            ("host", "s"),
+            ("x-original-method", "GET"),
+            ("x-original-uri", "/strict"),
+            ("x-original-uri", "/public"),
+        ];
+        assert_eq!(read(Proxy::Nginx, "GET", "/auth", &h, ""), Err("x-original-uri"));
+    }
+
+    #[test]
+    fn ingress_nginx_reads_the_original_url() {
+        let h = [
+            ("host", "authz"),
+            ("x-original-method", "PUT"),
+            ("x-original-url", "https://shop.example.com:8443/api/x?y"),
+            ("x-original-uri", "/public"),
+            ("x-forwarded-uri", "/public"),
+        ];
+        assert_eq!(
+            read(Proxy::IngressNginx, "GET", "/auth", &h, ""),
+            o("PUT", "shop.example.com:8443", "/api/x?y")
+        );
+        let h = [("x-original-method", "GET"), ("x-original-url", "/relative")];
+        assert_eq!(read(Proxy::IngressNginx, "GET", "/auth", &h, ""), Err("x-original-url"));
+        let h = [
+            ("x-original-method", "GET"),
+            ("x-original-url", "https://shop.example.com"),
+        ];
+        assert_eq!(
+            read(Proxy::IngressNginx, "GET", "/auth", &h, ""),
+            o("GET", "shop.example.com", "/")
+        );
+    }
+
+    #[test]
+    fn traefik_reads_only_forwarded_headers() {
         let h = [
             ("host", "authz.internal"),
             ("x-forwarded-method", "DELETE"),
             ("x-forwarded-host", "shop.example.com"),
             ("x-forwarded-uri", "/api/orders/1"),
-            ("x-original-uri", "/ignored"),
+            ("x-original-uri", "/public"),
+            ("x-original-method", "GET"),
         ];
         assert_eq!(
-            original("GET", "/auth", &h, ""),
+            read(Proxy::Traefik, "GET", "/auth", &h, ""),
             o("DELETE", "shop.example.com", "/api/orders/1")
         );
-    }
-
-    #[test]
-    fn nginx_original_uri_and_ingress_nginx_original_url() {
-        let h = [
-            ("host", "shop.example.com"),
-            ("x-original-uri", "/api/x?y=1"),
-            ("x-original-method", "PUT"),
-        ];
         assert_eq!(
-            original("GET", "/auth", &h, ""),
-            o("PUT", "shop.example.com", "/api/x?y=1")
-        );
-        let h = [
-            ("host", "authz"),
-            ("x-original-url", "https://shop.example.com:8443/api/x?y"),
-        ];
-        assert_eq!(
-            original("GET", "/auth", &h, ""),
-            o("GET", "shop.example.com:8443", "/api/x?y")
+            read(Proxy::Traefik, "GET", "/auth", &h[..3], ""),
+            Err("x-forwarded-uri")
         );
     }
 }

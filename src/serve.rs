@@ -14,6 +14,7 @@
 //!   response, HTTP/2 gets a GOAWAY) and `serve` returns once every one has closed.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -42,6 +43,11 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 /// After a failed `accept` (e.g. out of file descriptors), wait this long before the next one
 /// instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The peer address of a request's connection, in the request's extensions (tonic copies them
+/// into its `Request`).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
 
 /// What one listener allows.
 #[derive(Clone, Copy, Debug)]
@@ -80,9 +86,9 @@ pub async fn serve(
             _ = stopping.wait_for(|s| *s) => break,
         };
         match stream {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let connection = connection(stream, router.clone(), Arc::clone(&builder), stop.clone(), permit);
+                let connection = connection(stream, peer, router.clone(), Arc::clone(&builder), stop.clone(), permit);
                 tokio::spawn(connection);
             }
             Err(e) => {
@@ -116,6 +122,7 @@ fn builder(limits: Limits) -> Builder<TokioExecutor> {
 /// One connection, until it closes, fails, misses [`HANDSHAKE_TIMEOUT`], or `stop` drains it.
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
     router: Router,
     builder: Arc<Builder<TokioExecutor>>,
     mut stop: watch::Receiver<bool>,
@@ -124,8 +131,9 @@ async fn connection(
     let requested = Arc::new(AtomicBool::new(false));
     let service = {
         let requested = Arc::clone(&requested);
-        hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             requested.store(true, Ordering::Relaxed);
+            request.extensions_mut().insert(Peer(peer));
             let mut router = router.clone();
             async move { Ok::<_, Infallible>(router.call(request).await.unwrap_or_else(|e| match e {})) }
         })

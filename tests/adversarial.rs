@@ -1182,7 +1182,7 @@ const KNOWN_FAILURES: &[(&str, &str)] = &[];
 fn corpus_files() -> Vec<(String, PathBuf)> {
     let root = common::repo_root().join("fuzz/corpus");
     let mut files = Vec::new();
-    for target in ["jwt", "evaluate", "config", "jwks"] {
+    for target in ["jwt", "evaluate", "config", "jwks", "path"] {
         let dir = root.join(target);
         let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -1202,6 +1202,7 @@ fn run_corpus_file(target: &str, path: &Path) -> Result<(), String> {
         "evaluate" => props::evaluate_target,
         "config" => props::config_target,
         "jwks" => props::jwks_target,
+        "path" => props::path_target,
         other => panic!("unknown target {other}"),
     };
     std::panic::catch_unwind(|| run(&data)).map_err(|panic| {

@@ -890,3 +890,58 @@ pub fn jwks_target(data: &[u8]) {
         }
     }
 }
+
+/// Target `path`: the input (UTF-8, lossy) is a request path. Its normalized form holds what
+/// SPEC.md promises ([`authz::path::is_normalized`]: starts with `/`, no `//`, no dot segment,
+/// no encoded unreserved character), normalizing it again changes nothing, and route matching
+/// sees that form whatever the spelling: a path whose normalized form is under `/strict` never
+/// selects the anonymous `/public` route of [`PATH_CONFIG`].
+pub fn path_target(data: &[u8]) {
+    let raw = String::from_utf8_lossy(data);
+    let raw = raw.split(['?', '#']).next().unwrap_or_default();
+    let once = authz::path::normalize(raw);
+    assert!(authz::path::is_normalized(&once), "{raw:?} -> {once:?}");
+    assert_eq!(authz::path::normalize(&once), once, "normalizing {raw:?} twice");
+    let headers = HashMap::new();
+    let input = CheckInput {
+        method: "GET",
+        host: "shop.example.com",
+        path: raw,
+        headers: &headers,
+        route_hint: None,
+    };
+    let policy = path_policy();
+    let selected = match policy.routes.select(&input) {
+        authz::Selected::Route(r) => Some(r.name.as_str()),
+        authz::Selected::NoRoute { .. } => None,
+    };
+    if once.starts_with("/strict") {
+        assert_eq!(selected, Some("strict"), "{raw:?} (normalized {once:?})");
+    }
+    if selected == Some("public") {
+        assert!(
+            once.starts_with("/public"),
+            "{raw:?} (normalized {once:?}) chose public"
+        );
+    }
+}
+
+/// An anonymous `/public` route before a protected `/strict` one, `default: allow`.
+pub const PATH_CONFIG: &str = r#"
+issuers:
+  kc: {issuer: "https://sso.example.com/realms/fuzz", jwks_file: /dev/null}
+routes:
+  - {name: public, match: {path_prefix: /public}, allow_anonymous: true}
+  - {name: strict, match: {path_prefix: /strict}, client_ids: [api]}
+default: allow
+"#;
+
+fn path_policy() -> &'static authz::Policy {
+    static POLICY: OnceLock<authz::Policy> = OnceLock::new();
+    POLICY.get_or_init(|| {
+        config::parse(PATH_CONFIG)
+            .unwrap_or_else(|e| panic!("PATH_CONFIG: {e:?}"))
+            .config
+            .policy
+    })
+}

@@ -108,6 +108,34 @@ pub struct ClaimHeader {
 }
 
 impl ClaimHeader {
+    /// The other spellings of `name` with `_` for `-` (and `-` for `_`) in any position:
+    /// `x-auth-subject` -> `x_auth_subject`, `x-auth_subject`, `x_auth-subject`. CGI, WSGI and
+    /// Rack upstreams turn every one of them into the same `HTTP_X_AUTH_SUBJECT`, so a client's
+    /// copy under any of them would reach the upstream as the claim. Names with many
+    /// separators are refused by the config (2^n spellings).
+    pub fn other_spellings(name: &str) -> Vec<String> {
+        let positions: Vec<usize> = name
+            .bytes()
+            .enumerate()
+            .filter(|(_, b)| matches!(b, b'-' | b'_'))
+            .map(|(i, _)| i)
+            .collect();
+        let count = positions.len().min(16);
+        let mut out = Vec::new();
+        for mask in 0u32..(1 << count) {
+            let mut bytes = name.as_bytes().to_vec();
+            for (bit, &at) in positions.iter().take(count).enumerate() {
+                bytes[at] = if mask & (1 << bit) == 0 { b'-' } else { b'_' };
+            }
+            // only ASCII `-`/`_` were swapped for ASCII, so the bytes stay UTF-8
+            let spelled = String::from_utf8(bytes).unwrap_or_default();
+            if spelled != name && !spelled.is_empty() {
+                out.push(spelled);
+            }
+        }
+        out
+    }
+
     /// The defaults SPEC.md names when `claim_headers` is absent.
     pub fn defaults() -> Vec<ClaimHeader> {
         let claim = |c: &str| ClaimValue::Claim(vec![c.to_owned()]);
@@ -135,7 +163,8 @@ pub struct Response<'p> {
     pub status: u16,
     /// Request headers to set on the upstream request, overwriting any the client sent.
     pub upstream_headers: Vec<(&'p str, String)>,
-    /// Configured claim headers not set above: removed so the client cannot supply them.
+    /// Headers removed so the client cannot supply a claim: every other spelling of the
+    /// configured claim headers (`x_auth_subject`), then the configured ones not set above.
     pub remove_headers: Vec<&'p str>,
     /// Headers for the client on deny or error.
     pub client_headers: Vec<(&'static str, String)>,
@@ -226,7 +255,7 @@ fn challenge(reason: Reason, description: &str) -> Option<String> {
 /// On a route-rule denial of a dry-run route the token verified, so headers are still set.
 fn claim_headers<'p>(policy: &'p Policy, d: &Decision<'p>) -> (Vec<(&'p str, String)>, Vec<&'p str>) {
     let mut set = Vec::with_capacity(policy.claim_headers.len());
-    let mut remove = Vec::new();
+    let mut remove: Vec<&'p str> = policy.claim_header_spellings.iter().map(String::as_str).collect();
     for h in &policy.claim_headers {
         match d
             .token
@@ -268,5 +297,20 @@ fn render(v: &Value) -> Option<String> {
             Some(parts.join(","))
         }
         other => Some(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClaimHeader;
+
+    #[test]
+    fn every_underscore_spelling_of_a_claim_header() {
+        let mut s = ClaimHeader::other_spellings("x-auth-subject");
+        s.sort();
+        assert_eq!(s, ["x-auth_subject", "x_auth-subject", "x_auth_subject"]);
+        assert_eq!(ClaimHeader::other_spellings("x-auth-client-id").len(), 7);
+        assert_eq!(ClaimHeader::other_spellings("x_user"), ["x-user"]);
+        assert!(ClaimHeader::other_spellings("subject").is_empty());
     }
 }

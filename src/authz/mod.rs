@@ -10,6 +10,7 @@ pub mod claims;
 pub mod decision;
 pub mod hint;
 pub mod jwt;
+pub mod path;
 pub mod reason;
 pub mod request;
 pub mod route;
@@ -23,7 +24,7 @@ pub use jwt::{Alg, Issuer, VerifiedToken};
 pub use reason::{Denial, Reason};
 pub use request::CheckInput;
 pub use route::{DefaultAction, IssuerId, Route, RouteTable, Selected};
-pub use token::{TokenConfig, TokenSource};
+pub use token::{TokenConfig, TokenRemoval, TokenSource};
 
 use crate::jwks::KeySet;
 
@@ -35,6 +36,8 @@ pub struct Policy {
     by_iss: HashMap<String, IssuerId>,
     pub token: TokenConfig,
     pub claim_headers: Vec<ClaimHeader>,
+    /// [`ClaimHeader::other_spellings`] of every claim header: removed on every allow.
+    pub claim_header_spellings: Vec<String>,
     pub routes: RouteTable,
 }
 
@@ -46,11 +49,16 @@ impl Policy {
                 by_iss.entry(iss.clone()).or_insert(id);
             }
         }
+        let claim_header_spellings = claim_headers
+            .iter()
+            .flat_map(|h| ClaimHeader::other_spellings(&h.name))
+            .collect();
         Policy {
             issuers,
             by_iss,
             token,
             claim_headers,
+            claim_header_spellings,
             routes,
         }
     }
@@ -59,6 +67,12 @@ impl Policy {
     pub fn issuer_by_iss(&self, iss: &str) -> Option<IssuerId> {
         self.by_iss.get(iss).copied()
     }
+}
+
+/// A request the adapter could not read (a header its proxy's convention needs is missing):
+/// 403 `no_route`, since no route can be chosen for a request that is not known.
+pub fn unreadable_request<'p>(description: String) -> Decision<'p> {
+    Decision::deny(None, Denial::new(Reason::NoRoute, description))
 }
 
 /// Where verified tokens may be remembered between requests (the adapter's token cache).
@@ -147,7 +161,7 @@ fn decide<'p>(
                             "no route matches {} {}{}",
                             jwt::printable(input.method),
                             jwt::printable(input.hostname()),
-                            jwt::printable(input.path_only())
+                            jwt::printable(&input.normalized_path())
                         ),
                     ),
                 ),

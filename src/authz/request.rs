@@ -1,6 +1,9 @@
 //! What the core needs to know about one request, independent of the wire it arrived on.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+
+use super::path;
 
 /// One request to decide on. The gRPC and HTTP adapters fill it from their own types; header
 /// names are lower-case (Envoy sends them so), repeated headers joined with `,`.
@@ -21,12 +24,28 @@ impl<'a> CheckInput<'a> {
         self.headers.get(name).map(String::as_str)
     }
 
-    /// The host without a port, as route matching sees it.
+    /// The host as route matching sees it: without a port and without a trailing dot
+    /// (`Shop.example.com.:8443` -> `Shop.example.com`; hosts compare case-insensitively).
     pub fn hostname(&self) -> &'a str {
-        strip_port(self.host)
+        strip_port(self.host).trim_end_matches('.')
     }
 
-    /// The path without query string or fragment.
+    /// The path as route matching sees it: without query, percent-encoded unreserved
+    /// characters decoded, repeated slashes merged, dot segments resolved ([`path::normalize`]).
+    pub fn normalized_path(&self) -> Cow<'a, str> {
+        path::normalize(self.path_only())
+    }
+
+    /// What route matching compares: method, [`Self::hostname`], [`Self::normalized_path`].
+    pub fn target(&self) -> Target<'a> {
+        Target {
+            method: self.method,
+            host: self.hostname(),
+            path: self.normalized_path(),
+        }
+    }
+
+    /// The raw path without query string or fragment.
     pub fn path_only(&self) -> &'a str {
         let end = self.path.find(['?', '#']).unwrap_or(self.path.len());
         &self.path[..end]
@@ -38,6 +57,14 @@ impl<'a> CheckInput<'a> {
         let rest = &self.path[start..];
         Some(rest.split('#').next().unwrap_or(rest))
     }
+}
+
+/// The request as route matching sees it, computed once per check.
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: Cow<'a, str>,
 }
 
 /// `example.com:8443` -> `example.com`; `[::1]:80` -> `[::1]`; a bare IPv6 literal is kept.
@@ -76,6 +103,21 @@ mod tests {
         assert_eq!(input("example.com", "/", &h).hostname(), "example.com");
         assert_eq!(input("[::1]:8080", "/", &h).hostname(), "[::1]");
         assert_eq!(input("::1", "/", &h).hostname(), "::1");
+    }
+
+    #[test]
+    fn a_trailing_dot_is_not_part_of_the_host() {
+        let h = HashMap::new();
+        assert_eq!(input("shop.example.com.", "/", &h).hostname(), "shop.example.com");
+        assert_eq!(input("shop.example.com.:8443", "/", &h).hostname(), "shop.example.com");
+        assert_eq!(input("shop.example.com..", "/", &h).hostname(), "shop.example.com");
+    }
+
+    #[test]
+    fn the_target_has_the_normalized_path() {
+        let h = HashMap::new();
+        let t = input("A.example.com.", "/public/%2e%2e/strict?x=/../", &h).target();
+        assert_eq!((t.host, t.path.as_ref()), ("A.example.com", "/strict"));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use regex::Regex;
 
-use super::request::CheckInput;
+use super::request::{CheckInput, Target};
 
 /// Index of an issuer in [`super::Policy::issuers`].
 pub type IssuerId = usize;
@@ -80,8 +80,9 @@ pub enum HostPattern {
 }
 
 impl HostPattern {
+    /// Lower-cased, without a trailing dot: written as requests are compared.
     pub fn parse(pattern: &str) -> HostPattern {
-        let p = pattern.to_ascii_lowercase();
+        let p = pattern.trim_end_matches('.').to_ascii_lowercase();
         match p.strip_prefix('*') {
             Some(suffix) => HostPattern::Suffix(suffix.to_owned()),
             None => HostPattern::Exact(p),
@@ -130,20 +131,19 @@ pub struct Match {
 }
 
 impl Match {
-    pub fn matches(&self, input: &CheckInput<'_>) -> bool {
-        self.mismatch(input).is_none()
+    pub fn matches(&self, target: &Target<'_>) -> bool {
+        self.mismatch(target).is_none()
     }
 
     /// The first part of the match the request fails (`"host"`, `"path"`, `"method"`).
-    pub fn mismatch(&self, input: &CheckInput<'_>) -> Option<&'static str> {
-        let host = input.hostname();
-        if !(self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(host))) {
+    pub fn mismatch(&self, target: &Target<'_>) -> Option<&'static str> {
+        if !(self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(target.host))) {
             return Some("host");
         }
-        if !self.path.matches(input.path_only()) {
+        if !self.path.matches(&target.path) {
             return Some("path");
         }
-        if !(self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(input.method))) {
+        if !(self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(target.method))) {
             return Some("method");
         }
         None
@@ -243,8 +243,9 @@ impl RouteTable {
         self.by_name.get(name).map(|&i| &self.routes[i])
     }
 
-    /// A route named by the request wins; otherwise the first route whose match applies.
-    /// An unknown name never falls back to matching: that would let a typo widen access.
+    /// A route named by the request wins; otherwise the first route whose match applies to
+    /// the request's [`Target`] (normalized host and path). An unknown name never falls back to
+    /// matching: that would let a typo widen access.
     pub fn select(&self, input: &CheckInput<'_>) -> Selected<'_> {
         if let Some(name) = input.route_hint {
             return match self.by_name(name) {
@@ -254,7 +255,8 @@ impl RouteTable {
                 },
             };
         }
-        match self.candidates(input.hostname()).find(|r| r.matcher.matches(input)) {
+        let target = input.target();
+        match self.candidates(target.host).find(|r| r.matcher.matches(&target)) {
             Some(r) => Selected::Route(r),
             None => Selected::NoRoute { hint: None },
         }
@@ -432,7 +434,8 @@ mod tests {
                     headers: &headers,
                     route_hint: None,
                 };
-                let linear = t.routes().iter().find(|r| r.matcher.matches(&input)).map(|r| &r.name);
+                let target = input.target();
+                let linear = t.routes().iter().find(|r| r.matcher.matches(&target)).map(|r| &r.name);
                 let indexed = match t.select(&input) {
                     Selected::Route(r) => Some(&r.name),
                     Selected::NoRoute { .. } => None,

@@ -31,6 +31,8 @@ impl std::fmt::Display for TokenSource {
 pub struct TokenConfig {
     pub sources: Vec<TokenSource>,
     pub max_bytes: usize,
+    /// `token.forward`: false removes the token from the request the upstream gets, on allow.
+    pub forward: bool,
 }
 
 impl Default for TokenConfig {
@@ -38,6 +40,7 @@ impl Default for TokenConfig {
         TokenConfig {
             sources: vec![TokenSource::Authorization],
             max_bytes: 16384,
+            forward: true,
         }
     }
 }
@@ -84,6 +87,76 @@ pub fn locate<'a, 'c>(
             format!("no bearer token in the {}", places.join(" or ")),
         )
     })
+}
+
+/// What to take out of an allowed request so the upstream never sees the token
+/// (`token.forward: false`, as Envoy jwt_authn's `forward: false` and Istio's
+/// `forwardOriginalToken: false`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenRemoval<'c> {
+    /// Request headers to remove (`authorization`, or a configured token header).
+    pub headers: Vec<&'c str>,
+    /// Query parameters to remove.
+    pub query_parameters: Vec<&'c str>,
+    /// The `Cookie` header without the token cookie, when a cookie source carried one (empty:
+    /// no cookie is left, remove the header).
+    pub cookie: Option<String>,
+}
+
+impl TokenRemoval<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.headers.is_empty() && self.query_parameters.is_empty() && self.cookie.is_none()
+    }
+}
+
+/// Where `input` carries something in one of the configured token places: empty when
+/// `token.forward` is true.
+pub fn removal<'c>(config: &'c TokenConfig, input: &CheckInput<'_>) -> TokenRemoval<'c> {
+    let mut out = TokenRemoval::default();
+    if config.forward {
+        return out;
+    }
+    let mut cookies_to_drop: Vec<&str> = Vec::new();
+    for source in &config.sources {
+        match source {
+            TokenSource::Authorization => {
+                let bearer_sent = input
+                    .header("authorization")
+                    .is_some_and(|v| v.split(',').any(|v| matches!(bearer(v), Ok(Some(_)) | Err(_))));
+                if bearer_sent {
+                    out.headers.push("authorization");
+                }
+            }
+            TokenSource::Header(name) => {
+                if input.header(name).is_some() {
+                    out.headers.push(name);
+                }
+            }
+            TokenSource::Query(name) => {
+                let sent = input
+                    .query()
+                    .into_iter()
+                    .flat_map(|q| q.split('&'))
+                    .any(|pair| percent_decode(pair.split_once('=').map_or(pair, |(k, _)| k)).as_ref() == name);
+                if sent {
+                    out.query_parameters.push(name);
+                }
+            }
+            TokenSource::Cookie(name) => cookies_to_drop.push(name),
+        }
+    }
+    if let Some(header) = input.header("cookie").filter(|_| !cookies_to_drop.is_empty()) {
+        let pairs = header.split([';', ',']).map(str::trim).filter(|p| !p.is_empty());
+        let is_token = |pair: &str| {
+            pair.split_once('=')
+                .is_some_and(|(k, _)| cookies_to_drop.contains(&k.trim()))
+        };
+        if pairs.clone().any(is_token) {
+            let kept: Vec<&str> = pairs.filter(|p| !is_token(p)).collect();
+            out.cookie = Some(kept.join("; "));
+        }
+    }
+    out
 }
 
 /// The tokens one source holds (several when a header was sent more than once: Envoy joins
@@ -181,7 +254,11 @@ mod tests {
             headers: &headers,
             route_hint: None,
         };
-        let config = TokenConfig { sources, max_bytes: 64 };
+        let config = TokenConfig {
+            sources,
+            max_bytes: 64,
+            forward: true,
+        };
         extract(&config, &input).map(|t| t.into_owned())
     }
 
@@ -258,5 +335,49 @@ mod tests {
             reason(run(vec![TokenSource::Authorization], &[("authorization", &long)], "/")),
             Reason::MalformedToken
         );
+    }
+
+    #[test]
+    fn forward_false_names_every_place_that_carried_the_token() {
+        let headers: HashMap<String, String> = [
+            ("authorization", "Bearer abc"),
+            ("x-token", "abc"),
+            ("cookie", "theme=dark; session=abc, lang=en"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let input = CheckInput {
+            method: "GET",
+            host: "h",
+            path: "/x?a=1&access%5Ftoken=abc",
+            headers: &headers,
+            route_hint: None,
+        };
+        let mut config = TokenConfig {
+            sources: vec![
+                TokenSource::Authorization,
+                TokenSource::Header("x-token".into()),
+                TokenSource::Header("x-absent".into()),
+                TokenSource::Cookie("session".into()),
+                TokenSource::Query("access_token".into()),
+            ],
+            max_bytes: 64,
+            forward: true,
+        };
+        assert!(removal(&config, &input).is_empty(), "forward: true keeps everything");
+        config.forward = false;
+        let r = removal(&config, &input);
+        assert_eq!(r.headers, ["authorization", "x-token"]);
+        assert_eq!(r.query_parameters, ["access_token"]);
+        assert_eq!(r.cookie.as_deref(), Some("theme=dark; lang=en"));
+
+        let basic: HashMap<String, String> = [("authorization".to_string(), "Basic dXNlcg==".to_string())].into();
+        let input = CheckInput {
+            headers: &basic,
+            path: "/",
+            ..input
+        };
+        assert!(removal(&config, &input).is_empty(), "Basic credentials are not a token");
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use regex::Regex;
 
-use super::raw::{self, RawConfig, RawDuration, RawIssuer, RawRoute, RawSource, S};
-use super::{Config, Diagnostic, KeySource, KeySourceConfig, Listen, lint};
+use super::raw::{self, ProxyKeyword, RawConfig, RawDuration, RawIssuer, RawRoute, RawSource, S};
+use super::{Config, Diagnostic, KeySource, KeySourceConfig, Listen, Proxy, lint};
 use crate::authz::route::{ClientIdClaim, HostPattern, Match, Mode, PathMatch, Role};
 use crate::authz::{
     Alg, ClaimHeader, ClaimValue, DefaultAction, Issuer, Policy, Route, RouteTable, TokenConfig, TokenSource,
@@ -113,8 +113,20 @@ pub fn hash_text(text: &str) -> String {
 }
 
 fn http_endpoint(raw: Option<&raw::RawHttpEndpoint>, d: &mut Diagnostics) -> super::HttpEndpoint {
-    let Some(prefix) = raw.and_then(|r| r.path_prefix.as_ref()) else {
+    let Some(raw) = raw else {
         return super::HttpEndpoint::default();
+    };
+    let proxy = match raw.proxy.as_ref().map(|p| p.value) {
+        None | Some(ProxyKeyword::Envoy) => Proxy::Envoy,
+        Some(ProxyKeyword::Nginx) => Proxy::Nginx,
+        Some(ProxyKeyword::IngressNginx) => Proxy::IngressNginx,
+        Some(ProxyKeyword::Traefik) => Proxy::Traefik,
+    };
+    let Some(prefix) = &raw.path_prefix else {
+        return super::HttpEndpoint {
+            proxy,
+            path_prefix: String::new(),
+        };
     };
     if !prefix.value.starts_with('/') {
         d.error(
@@ -122,7 +134,17 @@ fn http_endpoint(raw: Option<&raw::RawHttpEndpoint>, d: &mut Diagnostics) -> sup
             format!("http_endpoint.path_prefix `{}` must start with /", prefix.value),
         );
     }
+    if proxy != Proxy::Envoy {
+        d.warn(
+            prefix,
+            format!(
+                "http_endpoint.path_prefix is for Envoy's http_service; with proxy: {} the path comes from its headers and the prefix is not used",
+                proxy.name()
+            ),
+        );
+    }
     super::HttpEndpoint {
+        proxy,
         path_prefix: prefix.value.trim_end_matches('/').to_owned(),
     }
 }
@@ -325,6 +347,9 @@ fn token(raw: Option<&raw::RawToken>, d: &mut Diagnostics) -> TokenConfig {
         }
         config.max_bytes = usize::try_from(max.value).unwrap_or(usize::MAX);
     }
+    if let Some(forward) = raw.forward {
+        config.forward = forward;
+    }
     config
 }
 
@@ -334,6 +359,9 @@ fn valid_header_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
+
+/// The most `-`/`_` a claim header name may have: its 2^n spellings are all removed.
+const MAX_HEADER_SEPARATORS: usize = 6;
 
 /// Headers a claim may never be written to: they would change how the request is routed,
 /// framed or authenticated upstream.
@@ -359,6 +387,13 @@ fn claim_headers(raw: Option<&indexmap::IndexMap<String, S<String>>>, d: &mut Di
             d.error(value, format!("claim_headers: `{name}` is not a header name"));
         } else if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("x-envoy-") {
             d.error(value, format!("claim_headers: `{name}` cannot carry a claim"));
+        } else if lower.bytes().filter(|b| matches!(b, b'-' | b'_')).count() > MAX_HEADER_SEPARATORS {
+            d.error(
+                value,
+                format!(
+                    "claim_headers: `{name}` has more than {MAX_HEADER_SEPARATORS} `-` or `_`: audgate removes every spelling of a claim header with `_` for `-`, and keeps that list short"
+                ),
+            );
         }
         let v = value.value.trim();
         let claim = match v {

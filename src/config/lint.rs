@@ -19,6 +19,21 @@ pub(super) fn routes(raw: &[S<RawRoute>], routes: &[Route], d: &mut Diagnostics)
                 );
             }
         }
+        if let Some(m) = &raw[j].value.matcher {
+            for (key, path) in [("path", &m.value.path), ("path_prefix", &m.value.path_prefix)] {
+                let Some(path) = path else { continue };
+                let normal = crate::authz::path::normalize(&path.value);
+                if normal != path.value.as_str() {
+                    d.warn(
+                        path,
+                        format!(
+                            "route {}: {key} `{}` is not a normalized path, and requests are matched normalized (as `{normal}`): it can never match as written",
+                            route.name, path.value
+                        ),
+                    );
+                }
+            }
+        }
         if let Some(earlier) = routes[..j].iter().find(|i| covers(&i.matcher, &route.matcher)) {
             d.warn(
                 at,

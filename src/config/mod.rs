@@ -66,9 +66,37 @@ impl Default for TokenCacheConfig {
 /// The HTTP authorization endpoint's settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HttpEndpoint {
-    /// Stripped from the path of a request that carries no forwarded-request headers (Envoy's
-    /// `http_service.path_prefix`); empty for none.
+    /// Whose headers describe the request to check; no other proxy's headers are read.
+    pub proxy: Proxy,
+    /// Stripped from the path Envoy's `http_service` sends (`path_prefix` there); empty for
+    /// none. Envoy only.
     pub path_prefix: String,
+}
+
+/// The proxy in front of the HTTP authorization endpoint (`http_endpoint.proxy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Proxy {
+    /// Envoy's `http_service`: the request as sent (host from `Host` or `:authority`).
+    #[default]
+    Envoy,
+    /// nginx `auth_request`: `X-Original-Method` + `X-Original-URI`, host from `Host`.
+    Nginx,
+    /// ingress-nginx's auth location: `X-Original-Method` + `X-Original-URL`.
+    IngressNginx,
+    /// Traefik ForwardAuth: `X-Forwarded-Method` + `X-Forwarded-Host` + `X-Forwarded-Uri`.
+    Traefik,
+}
+
+impl Proxy {
+    /// The config keyword.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Proxy::Envoy => "envoy",
+            Proxy::Nginx => "nginx",
+            Proxy::IngressNginx => "ingress-nginx",
+            Proxy::Traefik => "traefik",
+        }
+    }
 }
 
 /// How one issuer's keys are obtained and refreshed.

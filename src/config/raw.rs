@@ -43,7 +43,17 @@ pub struct RawAdmin {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHttpEndpoint {
+    pub proxy: Option<S<ProxyKeyword>>,
     pub path_prefix: Option<S<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyKeyword {
+    Envoy,
+    Nginx,
+    IngressNginx,
+    Traefik,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +112,7 @@ impl<'de> Deserialize<'de> for RawDuration {
 pub struct RawToken {
     pub sources: Option<S<Vec<RawSource>>>,
     pub max_bytes: Option<S<u64>>,
+    pub forward: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
