@@ -80,6 +80,9 @@ pub fn record(snapshot: &Snapshot, decision: &Decision<'_>, input: &CheckInput<'
 }
 
 fn log(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>, elapsed: Duration) {
+    if !snapshot.config.log_decisions.wants(d.verdict) {
+        return;
+    }
     tracing::info!(
         target: "audgate::decision",
         route = d.route_name(),

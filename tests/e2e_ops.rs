@@ -98,6 +98,10 @@ routes:
     client_ids: [my-app]
     client_id_claims: [aud, azp]
 
+# every decision gets a line: the log tests read allows too
+logging:
+  decisions: all
+
 default: deny
 "#
     )
@@ -573,9 +577,18 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     let key = TestKey::ec("fwd-ec");
     let issuer = IssuerServer::start(&[&key]).await;
     let iss = issuer.issuer_url();
-    let audgate = Audgate::start(&ops_config(&iss)).await;
-    audgate.wait_ready().await;
+    // one audgate per `http_endpoint.proxy`: each reads only its own proxy's headers
+    let with_proxy =
+        |proxy: &str| ops_config(&iss).replace("http_endpoint:\n", &format!("http_endpoint:\n  proxy: {proxy}\n"));
+    let nginx = Audgate::start(&with_proxy("nginx")).await;
+    let traefik_audgate = Audgate::start(&with_proxy("traefik")).await;
+    let audgate = Audgate::start(&with_proxy("envoy")).await;
+    for a in [&nginx, &traefik_audgate, &audgate] {
+        a.wait_ready().await;
+    }
     let client = common::http_client();
+    let nginx_base = nginx.http_url();
+    let traefik_base = traefik_audgate.http_url();
     let base = audgate.http_url();
 
     let claims = keycloak_claims(&iss, "my-app");
@@ -584,14 +597,14 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     let auth = bearer(&token);
     let writer = key.mint(keycloak_claims(&iss, "writer-app"));
     let writer_auth = bearer(&writer);
-    let audgate_host = format!("127.0.0.1:{}", audgate.ports.http);
+    let traefik_host = format!("127.0.0.1:{}", traefik_audgate.ports.http);
 
     // --- nginx: GET /auth with the original request in X-Original-*; Host is the original
     // host (`proxy_set_header Host $host`).
     let reply = common::send(
         &client,
         "GET",
-        &format!("{base}/auth"),
+        &format!("{nginx_base}/auth"),
         &[
             ("host", "api.example.test"),
             ("x-original-uri", "/v1/items?page=2"),
@@ -615,7 +628,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     let reply = common::send(
         &client,
         "GET",
-        &format!("{base}/auth"),
+        &format!("{nginx_base}/auth"),
         &[
             ("host", "other.example.test"),
             ("x-original-uri", "/v1/items"),
@@ -630,7 +643,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     let reply = common::send(
         &client,
         "GET",
-        &format!("{base}/auth"),
+        &format!("{nginx_base}/auth"),
         &[
             ("host", HOST),
             ("x-original-uri", "/orders/7"),
@@ -647,7 +660,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     let reply = common::send(
         &client,
         "GET",
-        &format!("{base}/auth"),
+        &format!("{nginx_base}/auth"),
         &[
             ("host", HOST),
             ("x-original-uri", "/orders/7"),
@@ -668,7 +681,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     let reply = common::send(
         &client,
         "GET",
-        &format!("{base}/auth"),
+        &format!("{nginx_base}/auth"),
         &[
             ("host", HOST),
             ("x-original-uri", "/app/x"),
@@ -680,7 +693,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     let reply = common::send(
         &client,
         "GET",
-        &format!("{base}/auth"),
+        &format!("{nginx_base}/auth"),
         &[
             ("host", HOST),
             ("x-original-uri", "/strict/x"),
@@ -701,7 +714,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     let reply = common::send(
         &client,
         "GET",
-        &format!("{base}/auth"),
+        &format!("{nginx_base}/auth"),
         &[
             ("host", HOST),
             ("x-original-uri", "/health/live"),
@@ -725,7 +738,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     // audgate's own.
     let traefik = |method: &'static str, fwd_host: &'static str, uri: &'static str, auth: Option<&str>| {
         let mut headers: Vec<(String, String)> = vec![
-            ("host".into(), audgate_host.clone()),
+            ("host".into(), traefik_host.clone()),
             ("x-forwarded-method".into(), method.into()),
             ("x-forwarded-proto".into(), "https".into()),
             ("x-forwarded-host".into(), fwd_host.into()),
@@ -739,7 +752,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     };
     let send_traefik = |headers: Vec<(String, String)>| {
         let client = client.clone();
-        let url = format!("{base}/");
+        let url = format!("{traefik_base}/");
         async move {
             let borrowed: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             common::send(&client, "GET", &url, &borrowed).await
@@ -781,7 +794,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     let reply = send_traefik(traefik("GET", HOST, "/app/x", None)).await;
     assert_deny(&reply, 401, "missing_token", None, "Traefik: no token");
 
-    // Traefik's headers win over nginx's when both are present.
+    // With proxy: traefik, nginx's headers are ignored (a client could send them).
     let mut headers = traefik("GET", "api.example.test", "/v1/items", Some(&auth));
     headers.push(("x-original-uri".into(), "/strict/x".into()));
     headers.push(("x-original-method".into(), "GET".into()));
@@ -789,7 +802,7 @@ async fn http_endpoint_nginx_traefik_and_envoy_conventions() {
     assert_http_allow(
         &reply,
         &[("x-auth-client-id", Some("my-app"))],
-        "X-Forwarded-* (route api-host) take precedence over X-Original-* (route strict)",
+        "X-Forwarded-* (route api-host) are read, X-Original-* (route strict) ignored",
     );
 
     // --- Envoy style: the request as sent, minus the configured prefix /authz.

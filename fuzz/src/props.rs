@@ -750,10 +750,15 @@ pub fn check_request(f: &Fixture, input: &CheckInput<'_>) {
         .chain(r.remove_headers.iter().copied())
         .collect();
     seen.sort_unstable();
+    // ... and every other spelling of them (x_auth_subject) is removed
     let mut expected = configured.clone();
+    expected.extend(policy.claim_header_spellings.iter().map(String::as_str));
     expected.sort_unstable();
     if r.status == 200 {
-        assert_eq!(seen, expected, "{context}: every claim header is set or removed, once");
+        assert_eq!(
+            seen, expected,
+            "{context}: every claim header is set or removed, once, and its other spellings removed"
+        );
     }
     for (name, value) in &r.upstream_headers {
         assert!(

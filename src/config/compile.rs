@@ -75,6 +75,11 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
     let token = token(raw.token.as_ref(), &mut d);
     let claim_headers = claim_headers(raw.claim_headers.as_ref(), &mut d);
     let routes = routes(&raw, &issuers, &mut d);
+    let log_decisions = match raw.logging.as_ref().and_then(|l| l.decisions) {
+        None | Some(raw::DecisionsKeyword::Denials) => super::LogDecisions::Denials,
+        Some(raw::DecisionsKeyword::All) => super::LogDecisions::All,
+        Some(raw::DecisionsKeyword::Off) => super::LogDecisions::Off,
+    };
     let http_endpoint = http_endpoint(raw.http_endpoint.as_ref(), &mut d);
     if !d.errors.is_empty() {
         return Err(d.errors);
@@ -91,6 +96,7 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
         policy,
         key_sources,
         http_endpoint,
+        log_decisions,
         admin_explain: raw.admin.explain,
         token_cache: raw.token_cache.map_or_else(Default::default, |t| {
             let defaults = super::TokenCacheConfig::default();

@@ -26,6 +26,8 @@ pub struct Config {
     /// Serve `audgate.v1.Admin/Explain` on the admin listener (`admin: {explain: true}`).
     pub admin_explain: bool,
     pub token_cache: TokenCacheConfig,
+    /// Which decisions get a log line (`logging.decisions`).
+    pub log_decisions: LogDecisions,
     /// Hex digest of the file's bytes (the `audgate_config_info` label).
     pub hash: String,
 }
@@ -43,6 +45,27 @@ impl Default for Listen {
             grpc: SocketAddr::from(([0, 0, 0, 0], 9191)),
             http: SocketAddr::from(([0, 0, 0, 0], 9192)),
             admin: SocketAddr::from(([0, 0, 0, 0], 9901)),
+        }
+    }
+}
+
+/// `logging.decisions`: which decisions get a log line. Envoy's access log sees every decision
+/// through the dynamic metadata, so allows need no line of their own by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogDecisions {
+    /// deny, dry_run_deny and error (the default).
+    #[default]
+    Denials,
+    All,
+    Off,
+}
+
+impl LogDecisions {
+    pub fn wants(self, verdict: crate::authz::Verdict) -> bool {
+        match self {
+            LogDecisions::All => true,
+            LogDecisions::Off => false,
+            LogDecisions::Denials => verdict != crate::authz::Verdict::Allow,
         }
     }
 }

@@ -23,6 +23,21 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin: RawAdmin,
     pub token_cache: Option<RawTokenCache>,
+    pub logging: Option<RawLogging>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogging {
+    pub decisions: Option<DecisionsKeyword>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionsKeyword {
+    Denials,
+    All,
+    Off,
 }
 
 #[derive(Debug, Default, Deserialize)]
