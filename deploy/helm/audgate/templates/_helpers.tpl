@@ -69,13 +69,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "audgate.tlsDir" -}}/etc/audgate/tls{{- end -}}
 
 {{/*
-The audgate config the chart renders: config.inline with `listen` set from `ports` and `tls`
-(the container ports and the Secret's mount must agree with it, so the chart owns that key).
+The audgate config the chart renders: a `listen` section from `ports` and `tls` (the container
+ports and the Secret's mount must agree with it, so the chart owns that key), then
+config.inline as written.
 */}}
 {{- define "audgate.config" -}}
-{{- $config := deepCopy (.Values.config.inline | default dict) -}}
-{{- if hasKey $config "listen" -}}
-{{- fail "config.inline.listen is set by the chart: use the values `ports` and `tls` instead" -}}
+{{- $text := .Values.config.inline | default "" -}}
+{{- if not (kindIs "string" $text) -}}
+{{- fail "config.inline is the audgate.yaml text, a string (`inline: |`), not a map" -}}
+{{- end -}}
+{{- if regexMatch "(?m)^listen\\s*:" $text -}}
+{{- fail "config.inline sets `listen`, which the chart writes: use the values `ports` and `tls` instead" -}}
 {{- end -}}
 {{- $listen := dict "grpc" (printf "0.0.0.0:%d" (int .Values.ports.grpc)) "http" (printf "0.0.0.0:%d" (int .Values.ports.http)) "admin" (printf "0.0.0.0:%d" (int .Values.ports.admin)) -}}
 {{- if .Values.tls.enabled -}}
@@ -89,6 +93,8 @@ The audgate config the chart renders: config.inline with `listen` set from `port
 {{- end -}}
 {{- $_ := set $listen "tls" $tls -}}
 {{- end -}}
-{{- $_ := set $config "listen" $listen -}}
-{{- toYaml $config -}}
+# listen: written by the Helm chart from the values `ports` and `tls`
+{{ toYaml (dict "listen" $listen) }}
+
+{{ $text }}
 {{- end -}}
