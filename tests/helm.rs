@@ -41,23 +41,53 @@ const CRD_KINDS: [&str; 2] = ["ServiceMonitor", "PrometheusRule"];
 /// until it is listed here.
 const CHART_FILES: &[(&str, &str)] = &[
     ("Chart.yaml", "helm lint --strict"),
-    ("values.yaml", "helm lint + template + kubernetes-validate; mirrors deploy/kubernetes/base"),
+    (
+        "values.yaml",
+        "helm lint + template + kubernetes-validate; mirrors deploy/kubernetes/base",
+    ),
     (".helmignore", "helm lint (keeps ci/ out of the package)"),
-    ("ci/full-values.yaml", "helm lint + template + kubernetes-validate + CRD structure"),
+    (
+        "ci/full-values.yaml",
+        "helm lint + template + kubernetes-validate + CRD structure",
+    ),
     ("templates/_helpers.tpl", "every render"),
     ("templates/NOTES.txt", "helm lint renders it, default and full values"),
-    ("templates/configmap.yaml", "audgate check-config on the rendered config"),
+    (
+        "templates/configmap.yaml",
+        "audgate check-config on the rendered config",
+    ),
     ("templates/serviceaccount.yaml", "kubernetes-validate + cross-checks"),
-    ("templates/deployment.yaml", "kubernetes-validate + cross-checks + mirrors the base"),
-    ("templates/service.yaml", "kubernetes-validate + cross-checks + mirrors the base"),
+    (
+        "templates/deployment.yaml",
+        "kubernetes-validate + cross-checks + mirrors the base",
+    ),
+    (
+        "templates/service.yaml",
+        "kubernetes-validate + cross-checks + mirrors the base",
+    ),
     ("templates/hpa.yaml", "kubernetes-validate + mirrors the base"),
     ("templates/pdb.yaml", "kubernetes-validate + mirrors the base"),
     ("templates/networkpolicy.yaml", "kubernetes-validate + mirrors the base"),
-    ("templates/servicemonitor.yaml", "ServiceMonitor structure + selects the admin port"),
-    ("templates/prometheusrule.yaml", "PrometheusRule structure; promtool check rules; equals the rules file"),
-    ("templates/dashboards-configmap.yaml", "kubernetes-validate; holds the dashboard JSON"),
-    ("files/audgate-rules.yaml", "equals deploy/observability/audgate-rules.yaml"),
-    ("files/audgate-dashboard.json", "equals deploy/observability/audgate-dashboard.json"),
+    (
+        "templates/servicemonitor.yaml",
+        "ServiceMonitor structure + selects the admin port",
+    ),
+    (
+        "templates/prometheusrule.yaml",
+        "PrometheusRule structure; promtool check rules; equals the rules file",
+    ),
+    (
+        "templates/dashboards-configmap.yaml",
+        "kubernetes-validate; holds the dashboard JSON",
+    ),
+    (
+        "files/audgate-rules.yaml",
+        "equals deploy/observability/audgate-rules.yaml",
+    ),
+    (
+        "files/audgate-dashboard.json",
+        "equals deploy/observability/audgate-dashboard.json",
+    ),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -73,7 +103,11 @@ const HELM_HINT: &str = "scripts/install-helm.sh (builds the pinned Helm from th
 fn tool(env: &str, name: &str, candidates: &[PathBuf], hint: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(env) {
         let path = PathBuf::from(path);
-        assert!(path.is_file(), "{env}={} does not name a file. Install it with {hint}", path.display());
+        assert!(
+            path.is_file(),
+            "{env}={} does not name a file. Install it with {hint}",
+            path.display()
+        );
         return path;
     }
     let on_path = std::env::var_os("PATH").and_then(|p| {
@@ -86,11 +120,18 @@ fn tool(env: &str, name: &str, candidates: &[PathBuf], hint: &str) -> PathBuf {
         .find(|c| c.is_file())
         .cloned()
         .or(on_path)
-        .unwrap_or_else(|| panic!("this test needs `{name}` (looked at ${env}, {candidates:?} and PATH). Install it with {hint}"))
+        .unwrap_or_else(|| {
+            panic!("this test needs `{name}` (looked at ${env}, {candidates:?} and PATH). Install it with {hint}")
+        })
 }
 
 fn helm() -> PathBuf {
-    tool("AUDGATE_TEST_HELM", "helm", &[repo_root().join(".tools/bin/helm")], HELM_HINT)
+    tool(
+        "AUDGATE_TEST_HELM",
+        "helm",
+        &[repo_root().join(".tools/bin/helm")],
+        HELM_HINT,
+    )
 }
 
 fn kubectl() -> PathBuf {
@@ -188,7 +229,11 @@ fn validate_manifests(text: &str, what: &str) {
     args.push(&file);
     let out = run(&kubernetes_validate(), &args);
     let report = format!("{}{}", out.stdout, out.stderr);
-    assert!(out.ok, "kubernetes-validate rejected {what} ({}):\n{report}", out.status);
+    assert!(
+        out.ok,
+        "kubernetes-validate rejected {what} ({}):\n{report}",
+        out.status
+    );
     assert!(!report.contains("ERROR"), "kubernetes-validate: {what}:\n{report}");
     for line in report.lines().filter(|l| l.starts_with("WARN")) {
         assert!(
@@ -239,11 +284,20 @@ fn check_render(objects: &[Value], what: &str) {
     let deployment = find_object(objects, "Deployment", "audgate");
     let pod = &deployment["spec"]["template"];
     let pod_labels = &pod["metadata"]["labels"];
-    assert!(labels_match(&deployment["spec"]["selector"]["matchLabels"], pod_labels), "{what}: selector");
+    assert!(
+        labels_match(&deployment["spec"]["selector"]["matchLabels"], pod_labels),
+        "{what}: selector"
+    );
     for object in objects {
         let kind = object["kind"].as_str().unwrap_or_default();
-        assert_eq!(object["metadata"]["labels"]["app.kubernetes.io/name"], "audgate", "{what}: {kind} labels");
-        assert_eq!(object["metadata"]["labels"]["helm.sh/chart"], "audgate-0.1.0", "{what}: {kind} labels");
+        assert_eq!(
+            object["metadata"]["labels"]["app.kubernetes.io/name"], "audgate",
+            "{what}: {kind} labels"
+        );
+        assert_eq!(
+            object["metadata"]["labels"]["helm.sh/chart"], "audgate-0.1.0",
+            "{what}: {kind} labels"
+        );
         if kind == "ConfigMap" && object["metadata"]["name"] == "audgate-dashboards" {
             continue; // goes to Grafana's namespace
         }
@@ -253,8 +307,16 @@ fn check_render(objects: &[Value], what: &str) {
     let pod_spec = &pod["spec"];
     assert_eq!(pod_spec["automountServiceAccountToken"], false, "{what}");
     assert_eq!(pod_spec["securityContext"]["runAsNonRoot"], true, "{what}");
-    assert!(pod_spec["securityContext"]["runAsUser"].as_u64().is_some_and(|u| u != 0), "{what}");
-    assert_eq!(pod_spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault", "{what}");
+    assert!(
+        pod_spec["securityContext"]["runAsUser"]
+            .as_u64()
+            .is_some_and(|u| u != 0),
+        "{what}"
+    );
+    assert_eq!(
+        pod_spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+        "{what}"
+    );
     let sa = pod_spec["serviceAccountName"].as_str().expect("a service account");
     let account = find_object(objects, "ServiceAccount", sa);
     assert_eq!(account["automountServiceAccountToken"], false, "{what}");
@@ -266,11 +328,19 @@ fn check_render(objects: &[Value], what: &str) {
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{what}");
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         assert_eq!(c[probe]["httpGet"]["path"], path, "{what}: {probe}");
-        assert_eq!(c[probe]["httpGet"]["port"], "admin", "{what}: {probe} on the admin port");
+        assert_eq!(
+            c[probe]["httpGet"]["port"], "admin",
+            "{what}: {probe} on the admin port"
+        );
     }
 
     // The config: --config PATH is in a volume mounted as a directory (no subPath).
-    let args: Vec<&str> = c["args"].as_array().expect("args").iter().filter_map(Value::as_str).collect();
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
     assert_eq!(args.first(), Some(&"serve"), "{what}: args");
     let config_path = args
         .iter()
@@ -279,7 +349,10 @@ fn check_render(objects: &[Value], what: &str) {
         .expect("--config PATH in args");
     let (config_dir, config_file) = config_path.rsplit_once('/').expect("an absolute path");
     let mounts = c["volumeMounts"].as_array().expect("volume mounts");
-    assert!(mounts.iter().all(|m| m.get("subPath").is_none()), "{what}: a subPath mount never sees updates");
+    assert!(
+        mounts.iter().all(|m| m.get("subPath").is_none()),
+        "{what}: a subPath mount never sees updates"
+    );
     let mount = mounts
         .iter()
         .find(|m| m["mountPath"] == config_dir)
@@ -298,7 +371,11 @@ fn check_render(objects: &[Value], what: &str) {
             for item in body["items"].as_array().expect("items") {
                 files.insert(
                     item["path"].as_str().expect("path").to_owned(),
-                    (kind.clone(), name.clone(), item["key"].as_str().expect("key").to_owned()),
+                    (
+                        kind.clone(),
+                        name.clone(),
+                        item["key"].as_str().expect("key").to_owned(),
+                    ),
                 );
             }
         }
@@ -317,19 +394,33 @@ fn check_render(objects: &[Value], what: &str) {
         .as_array()
         .expect("ports")
         .iter()
-        .map(|p| (p["name"].as_str().expect("named").to_owned(), p["containerPort"].as_u64().expect("a number")))
+        .map(|p| {
+            (
+                p["name"].as_str().expect("named").to_owned(),
+                p["containerPort"].as_u64().expect("a number"),
+            )
+        })
         .collect();
     for name in ["grpc", "http", "admin"] {
         let port = ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
         let listen = config["listen"][name].as_str().unwrap_or_default();
         assert_eq!(
-            Some(listen.rsplit(':').next().and_then(|p| p.parse::<u64>().ok()).unwrap_or(0)),
+            Some(
+                listen
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .unwrap_or(0)
+            ),
             port,
             "{what}: containerPort {name} vs listen.{name} = {listen:?}"
         );
     }
     for service in objects.iter().filter(|o| o["kind"] == "Service") {
-        assert!(labels_match(&service["spec"]["selector"], pod_labels), "{what}: Service selector");
+        assert!(
+            labels_match(&service["spec"]["selector"], pod_labels),
+            "{what}: Service selector"
+        );
         for port in service["spec"]["ports"].as_array().expect("ports") {
             let target = port["targetPort"].as_str().expect("named target ports");
             assert!(ports.iter().any(|(n, _)| n == target), "{what}: targetPort {target}");
@@ -349,22 +440,37 @@ fn check_render(objects: &[Value], what: &str) {
             assert_eq!(kind, "secret", "{what}: {field}");
             assert_eq!(Some(key.as_str()), inside.rsplit('/').next(), "{what}: {field}");
         }
-        assert!(tls.contains_key("cert_file") && tls.contains_key("key_file"), "{what}: {tls:?}");
+        assert!(
+            tls.contains_key("cert_file") && tls.contains_key("key_file"),
+            "{what}: {tls:?}"
+        );
     }
 
     if let Some(pdb) = objects.iter().find(|o| o["kind"] == "PodDisruptionBudget") {
-        assert!(labels_match(&pdb["spec"]["selector"]["matchLabels"], pod_labels), "{what}: PDB selector");
+        assert!(
+            labels_match(&pdb["spec"]["selector"]["matchLabels"], pod_labels),
+            "{what}: PDB selector"
+        );
         if let Some(hpa) = objects.iter().find(|o| o["kind"] == "HorizontalPodAutoscaler") {
             assert!(
                 pdb["spec"]["minAvailable"].as_u64() < hpa["spec"]["minReplicas"].as_u64(),
                 "{what}: the PDB must leave room for evictions at minReplicas"
             );
-            assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], deployment["metadata"]["name"], "{what}");
-            assert!(deployment["spec"].get("replicas").is_none(), "{what}: replicas belong to the HPA");
+            assert_eq!(
+                hpa["spec"]["scaleTargetRef"]["name"], deployment["metadata"]["name"],
+                "{what}"
+            );
+            assert!(
+                deployment["spec"].get("replicas").is_none(),
+                "{what}: replicas belong to the HPA"
+            );
         }
     }
     if let Some(policy) = objects.iter().find(|o| o["kind"] == "NetworkPolicy") {
-        assert!(labels_match(&policy["spec"]["podSelector"]["matchLabels"], pod_labels), "{what}");
+        assert!(
+            labels_match(&policy["spec"]["podSelector"]["matchLabels"], pod_labels),
+            "{what}"
+        );
         let admitted: BTreeSet<&str> = policy["spec"]["ingress"]
             .as_array()
             .expect("ingress")
@@ -372,7 +478,11 @@ fn check_render(objects: &[Value], what: &str) {
             .flat_map(|r| r["ports"].as_array().into_iter().flatten())
             .filter_map(|p| p["port"].as_str())
             .collect();
-        assert_eq!(admitted, BTreeSet::from(["admin", "grpc", "http"]), "{what}: NetworkPolicy ports");
+        assert_eq!(
+            admitted,
+            BTreeSet::from(["admin", "grpc", "http"]),
+            "{what}: NetworkPolicy ports"
+        );
     }
 }
 
@@ -386,20 +496,39 @@ fn check_service_monitor(objects: &[Value], what: &str) {
     let spec = monitor["spec"].as_object().expect("spec");
     for key in spec.keys() {
         assert!(
-            ["selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels", "podTargetLabels"]
-                .contains(&key.as_str()),
+            [
+                "selector",
+                "endpoints",
+                "namespaceSelector",
+                "jobLabel",
+                "targetLabels",
+                "podTargetLabels"
+            ]
+            .contains(&key.as_str()),
             "{what}: unknown ServiceMonitor field spec.{key}"
         );
     }
     for key in spec["selector"].as_object().expect("selector").keys() {
-        assert!(["matchLabels", "matchExpressions"].contains(&key.as_str()), "{what}: selector.{key}");
+        assert!(
+            ["matchLabels", "matchExpressions"].contains(&key.as_str()),
+            "{what}: selector.{key}"
+        );
     }
     let endpoints = spec["endpoints"].as_array().expect("endpoints");
     assert_eq!(endpoints.len(), 1, "{what}");
     let endpoint = &endpoints[0];
     for key in endpoint.as_object().expect("an endpoint").keys() {
         assert!(
-            ["port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "relabelings"].contains(&key.as_str()),
+            [
+                "port",
+                "path",
+                "interval",
+                "scrapeTimeout",
+                "scheme",
+                "honorLabels",
+                "relabelings"
+            ]
+            .contains(&key.as_str()),
             "{what}: unknown endpoint field {key}"
         );
     }
@@ -414,13 +543,23 @@ fn check_service_monitor(objects: &[Value], what: &str) {
         .filter(|o| o["kind"] == "Service")
         .filter(|s| labels_match(&selector["matchLabels"], &s["metadata"]["labels"]))
         .filter(|s| {
-            selector["matchExpressions"].as_array().into_iter().flatten().all(|e| match e["operator"].as_str() {
-                Some("DoesNotExist") => s["metadata"]["labels"].get(e["key"].as_str().unwrap_or_default()).is_none(),
-                other => panic!("{what}: selector operator {other:?} not checked here"),
-            })
+            selector["matchExpressions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|e| match e["operator"].as_str() {
+                    Some("DoesNotExist") => s["metadata"]["labels"]
+                        .get(e["key"].as_str().unwrap_or_default())
+                        .is_none(),
+                    other => panic!("{what}: selector operator {other:?} not checked here"),
+                })
         })
         .collect();
-    assert_eq!(scraped.len(), 1, "{what}: the ServiceMonitor must select exactly one Service");
+    assert_eq!(
+        scraped.len(),
+        1,
+        "{what}: the ServiceMonitor must select exactly one Service"
+    );
     let service = scraped[0];
     assert_eq!(service["metadata"]["labels"][job_label], "audgate", "{what}: job label");
     let service_port = service["spec"]["ports"]
@@ -438,13 +577,23 @@ fn check_prometheus_rule(objects: &[Value], what: &str) {
     let keys: Vec<&String> = rule["spec"].as_object().expect("spec").keys().collect();
     assert_eq!(keys, vec!["groups"], "{what}: PrometheusRule spec");
     let source = &yaml_documents_str(&read("deploy/observability/audgate-rules.yaml"), "the rules file")[0];
-    assert_eq!(&rule["spec"], source, "{what}: the chart's PrometheusRule is not deploy/observability/audgate-rules.yaml");
+    assert_eq!(
+        &rule["spec"], source,
+        "{what}: the chart's PrometheusRule is not deploy/observability/audgate-rules.yaml"
+    );
     // promtool reads the spec as a rules file.
     let dir = tempfile::tempdir().expect("a temp dir");
     let file = dir.path().join("rules.json");
     std::fs::write(&file, serde_json::to_string_pretty(&rule["spec"]).expect("JSON")).expect("write");
-    let out = run(&common::promtool_binary(), &["check", "rules", &file.display().to_string()]);
-    assert!(out.ok, "{what}: promtool check rules on the PrometheusRule's spec:\n{}{}", out.stdout, out.stderr);
+    let out = run(
+        &common::promtool_binary(),
+        &["check", "rules", &file.display().to_string()],
+    );
+    assert!(
+        out.ok,
+        "{what}: promtool check rules on the PrometheusRule's spec:\n{}{}",
+        out.stdout, out.stderr
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,8 +606,16 @@ fn helm_lint_passes_with_default_and_full_values() {
         let mut args = vec!["lint", "--strict", CHART, "--namespace", NAMESPACE];
         args.extend(extra.iter().copied());
         let out = run(&helm(), &args);
-        assert!(out.ok, "helm {args:?} failed ({}):\n{}{}", out.status, out.stdout, out.stderr);
-        assert!(out.stdout.contains("1 chart(s) linted, 0 chart(s) failed"), "{}", out.stdout);
+        assert!(
+            out.ok,
+            "helm {args:?} failed ({}):\n{}{}",
+            out.status, out.stdout, out.stderr
+        );
+        assert!(
+            out.stdout.contains("1 chart(s) linted, 0 chart(s) failed"),
+            "{}",
+            out.stdout
+        );
     }
 }
 
@@ -484,13 +641,20 @@ fn default_render_validates_and_mirrors_the_kustomize_base() {
 
     // What deploy/kubernetes/base builds, for comparison.
     let out = run(&kubectl(), &["kustomize", "deploy/kubernetes/base"]);
-    assert!(out.ok, "kubectl kustomize deploy/kubernetes/base: {}{}", out.stdout, out.stderr);
+    assert!(
+        out.ok,
+        "kubectl kustomize deploy/kubernetes/base: {}{}",
+        out.stdout, out.stderr
+    );
     let base = yaml_documents_str(&out.stdout, "deploy/kubernetes/base");
 
     // Same config.
     let (_, config) = rendered_config(&objects);
     let base_config = &yaml_documents_str(&read("deploy/kubernetes/base/audgate.yaml"), "base config")[0];
-    assert_eq!(&config, base_config, "the chart's default config is not deploy/kubernetes/base/audgate.yaml");
+    assert_eq!(
+        &config, base_config,
+        "the chart's default config is not deploy/kubernetes/base/audgate.yaml"
+    );
 
     // Same pod, but for the image and the volume (a projected one, for the TLS files).
     let chart_pod = &find_object(&objects, "Deployment", "audgate")["spec"];
@@ -498,8 +662,15 @@ fn default_render_validates_and_mirrors_the_kustomize_base() {
     for key in ["strategy", "revisionHistoryLimit"] {
         assert_eq!(chart_pod[key], base_pod[key], "Deployment spec.{key}");
     }
-    for key in ["securityContext", "terminationGracePeriodSeconds", "automountServiceAccountToken"] {
-        assert_eq!(chart_pod["template"]["spec"][key], base_pod["template"]["spec"][key], "pod {key}");
+    for key in [
+        "securityContext",
+        "terminationGracePeriodSeconds",
+        "automountServiceAccountToken",
+    ] {
+        assert_eq!(
+            chart_pod["template"]["spec"][key], base_pod["template"]["spec"][key],
+            "pod {key}"
+        );
     }
     let c = container(&objects);
     let b = container(&base);
@@ -517,7 +688,10 @@ fn default_render_validates_and_mirrors_the_kustomize_base() {
     ] {
         assert_eq!(c[key], b[key], "container {key}: chart vs deploy/kubernetes/base");
     }
-    assert_eq!(c["image"], "ghcr.io/example/audgate:0.1.0", "image: repository and appVersion");
+    assert_eq!(
+        c["image"], "ghcr.io/example/audgate:0.1.0",
+        "image: repository and appVersion"
+    );
 
     // Same Services, HPA, PDB and NetworkPolicy rules.
     for name in ["audgate", "audgate-headless"] {
@@ -556,10 +730,15 @@ fn full_values_render_validates_with_tls_monitoring_and_dashboards() {
     assert_eq!(dashboards["metadata"]["namespace"], "monitoring");
     assert_eq!(dashboards["metadata"]["labels"]["grafana_dashboard"], "1");
     assert_eq!(dashboards["metadata"]["annotations"]["grafana_folder"], "audgate");
-    let json_text = dashboards["data"]["audgate-dashboard.json"].as_str().expect("the dashboard");
+    let json_text = dashboards["data"]["audgate-dashboard.json"]
+        .as_str()
+        .expect("the dashboard");
     let rendered: Value = serde_json::from_str(json_text).expect("the dashboard is JSON");
     let source: Value = serde_json::from_str(&read("deploy/observability/audgate-dashboard.json")).expect("JSON");
-    assert_eq!(rendered, source, "the dashboards ConfigMap holds deploy/observability/audgate-dashboard.json");
+    assert_eq!(
+        rendered, source,
+        "the dashboards ConfigMap holds deploy/observability/audgate-dashboard.json"
+    );
 
     // TLS and mTLS: the config names the files, the volume holds them from the two Secrets.
     let (_, config) = rendered_config(&objects);
@@ -590,12 +769,25 @@ fn full_values_render_validates_with_tls_monitoring_and_dashboards() {
     );
     assert_eq!(pod["serviceAccountName"], "audgate-sa");
     assert_eq!(pod["priorityClassName"], "system-cluster-critical");
-    assert_eq!(find_object(&objects, "HorizontalPodAutoscaler", "audgate")["spec"]["minReplicas"], 3);
-    assert_eq!(find_object(&objects, "PodDisruptionBudget", "audgate")["spec"]["minAvailable"], 2);
+    assert_eq!(
+        find_object(&objects, "HorizontalPodAutoscaler", "audgate")["spec"]["minReplicas"],
+        3
+    );
+    assert_eq!(
+        find_object(&objects, "PodDisruptionBudget", "audgate")["spec"]["minAvailable"],
+        2
+    );
     let spread = &pod["topologySpreadConstraints"][0];
-    assert_eq!(spread["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"], RELEASE);
+    assert_eq!(
+        spread["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+        RELEASE
+    );
     for object in &objects {
-        assert_eq!(object["metadata"]["labels"]["team"], "platform", "commonLabels on {}", object["kind"]);
+        assert_eq!(
+            object["metadata"]["labels"]["team"], "platform",
+            "commonLabels on {}",
+            object["kind"]
+        );
     }
 }
 
@@ -618,7 +810,10 @@ fn replicas_without_autoscaling_and_an_existing_configmap() {
     );
     validate_manifests(&text, "helm template (no HPA, existing ConfigMap)");
     assert!(objects.iter().all(|o| o["kind"] != "HorizontalPodAutoscaler"));
-    assert!(objects.iter().all(|o| o["kind"] != "ConfigMap"), "an existing ConfigMap is not rendered");
+    assert!(
+        objects.iter().all(|o| o["kind"] != "ConfigMap"),
+        "an existing ConfigMap is not rendered"
+    );
     let deployment = find_object(&objects, "Deployment", "audgate");
     assert_eq!(deployment["spec"]["replicas"], 4);
     let sources = &deployment["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"];
@@ -633,10 +828,20 @@ fn check_config(text: &str, what: &str) {
     let dir = tempfile::tempdir().expect("a temp dir");
     let path = dir.path().join("audgate.yaml");
     std::fs::write(&path, text).expect("write the config");
-    let out = run(&common::audgate_binary(), &["check-config", "--config", &path.display().to_string()]);
+    let out = run(
+        &common::audgate_binary(),
+        &["check-config", "--config", &path.display().to_string()],
+    );
     let report = format!("{}{}", out.stdout, out.stderr);
-    assert!(out.ok, "audgate check-config rejects {what} ({}):\n{report}\n--- config ---\n{text}", out.status);
-    assert!(!report.contains("\nwarnings ("), "{what}: check-config warns:\n{report}");
+    assert!(
+        out.ok,
+        "audgate check-config rejects {what} ({}):\n{report}\n--- config ---\n{text}",
+        out.status
+    );
+    assert!(
+        !report.contains("\nwarnings ("),
+        "{what}: check-config warns:\n{report}"
+    );
 }
 
 #[test]
@@ -668,17 +873,27 @@ fn values_that_cannot_work_fail_the_render_clearly() {
     )
     .expect("write values");
     for (args, expected) in [
-        (vec!["--set", "envoyModule.enabled=true"], "in-process Envoy module image is not published yet"),
+        (
+            vec!["--set", "envoyModule.enabled=true"],
+            "in-process Envoy module image is not published yet",
+        ),
         (vec!["--set", "tls.enabled=true"], "tls.enabled needs tls.secretName"),
         (
             vec!["--values", &own_listen],
             "config.inline sets `listen`, which the chart writes",
         ),
-        (vec!["--set", "config.inline.issuers=x"], "config.inline is the audgate.yaml text"),
+        (
+            vec!["--set", "config.inline.issuers=x"],
+            "config.inline is the audgate.yaml text",
+        ),
     ] {
         let out = helm_template_result(&args);
         assert!(!out.ok, "helm template {args:?} should fail:\n{}", out.stdout);
-        assert!(out.stderr.contains(expected), "helm template {args:?}: expected {expected:?} in:\n{}", out.stderr);
+        assert!(
+            out.stderr.contains(expected),
+            "helm template {args:?}: expected {expected:?} in:\n{}",
+            out.stderr
+        );
     }
 }
 
@@ -686,7 +901,10 @@ fn values_that_cannot_work_fail_the_render_clearly() {
 fn chart_files_are_the_observability_files() {
     for (chart, source) in [
         ("files/audgate-rules.yaml", "deploy/observability/audgate-rules.yaml"),
-        ("files/audgate-dashboard.json", "deploy/observability/audgate-dashboard.json"),
+        (
+            "files/audgate-dashboard.json",
+            "deploy/observability/audgate-dashboard.json",
+        ),
     ] {
         assert!(
             read(&format!("{CHART}/{chart}")) == read(source),

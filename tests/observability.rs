@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Audgate, CheckCall, IssuerServer, Prometheus, TestKey, keycloak_claims, merge, repo_root, yaml_documents_str};
+use common::{
+    Audgate, CheckCall, IssuerServer, Prometheus, TestKey, keycloak_claims, merge, repo_root, yaml_documents_str,
+};
 use serde_json::{Value, json};
 
 const DIR: &str = "deploy/observability";
@@ -30,10 +32,22 @@ const DASHBOARD: &str = "deploy/observability/audgate-dashboard.json";
 
 /// Every file of deploy/observability and what checks it.
 const FILES: &[(&str, &str)] = &[
-    ("audgate-rules.yaml", "promtool check rules; unit tests; evaluated by a real Prometheus"),
-    ("audgate-rules.test.yaml", "promtool test rules; one firing and one quiet case per alert"),
-    ("audgate-prometheusrule.yaml", "PrometheusRule structure; spec equals the rules file"),
-    ("audgate-dashboard.json", "every query returns data from a real Prometheus scraping audgate"),
+    (
+        "audgate-rules.yaml",
+        "promtool check rules; unit tests; evaluated by a real Prometheus",
+    ),
+    (
+        "audgate-rules.test.yaml",
+        "promtool test rules; one firing and one quiet case per alert",
+    ),
+    (
+        "audgate-prometheusrule.yaml",
+        "PrometheusRule structure; spec equals the rules file",
+    ),
+    (
+        "audgate-dashboard.json",
+        "every query returns data from a real Prometheus scraping audgate",
+    ),
 ];
 
 /// SPEC.md's "Metrics" table (a histogram also exposes _bucket, _count and _sum).
@@ -169,7 +183,10 @@ fn rules_pass_promtool_check_and_unit_tests() {
         assert!(quiet.contains(alert), "{RULE_TESTS}: no case where {alert} stays quiet");
     }
     let unknown: Vec<&String> = fires.union(&quiet).filter(|a| !alerts.contains(*a)).collect();
-    assert!(unknown.is_empty(), "{RULE_TESTS} tests alerts that do not exist: {unknown:?}");
+    assert!(
+        unknown.is_empty(),
+        "{RULE_TESTS} tests alerts that do not exist: {unknown:?}"
+    );
 }
 
 /// The issue's alerts exist, each with a severity, a summary, a description and a runbook
@@ -205,7 +222,10 @@ fn alerts_cover_the_issue_and_link_their_runbook() {
             "docs/observability.md has no runbook section `### {name}`"
         );
         for metric in metric_names(rule["expr"].as_str().expect("expr")) {
-            assert!(is_spec_metric(&metric), "{name}: {metric} is not in SPEC.md's Metrics table");
+            assert!(
+                is_spec_metric(&metric),
+                "{name}: {metric} is not in SPEC.md's Metrics table"
+            );
         }
     }
 }
@@ -250,7 +270,10 @@ fn dashboard_is_grafana_json_over_spec_metrics() {
     }
     for (title, expr) in &queries {
         for metric in metric_names(expr) {
-            assert!(is_spec_metric(&metric), "{title}: {metric} is not in SPEC.md's Metrics table");
+            assert!(
+                is_spec_metric(&metric),
+                "{title}: {metric} is not in SPEC.md's Metrics table"
+            );
             used.insert(metric);
         }
     }
@@ -349,13 +372,21 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let issuer = IssuerServer::start_at("/realms/shop", &[&key]).await;
     let audgate = Audgate::start(&traffic_config(&issuer, "first")).await;
     audgate
-        .wait_metric("audgate_jwks_keys", &[("issuer", "keycloak")], Duration::from_secs(20), |v| v >= 1.0)
+        .wait_metric(
+            "audgate_jwks_keys",
+            &[("issuer", "keycloak")],
+            Duration::from_secs(20),
+            |v| v >= 1.0,
+        )
         .await;
     let prometheus = Prometheus::start(&format!("127.0.0.1:{}", audgate.ports.admin), Duration::from_secs(1)).await;
     prometheus.wait_target_up(Duration::from_secs(20)).await;
 
     let iss = issuer.issuer_url();
-    let good = key.mint(merge(keycloak_claims(&iss, "web-shop"), json!({"aud": ["orders-api", "account"]})));
+    let good = key.mint(merge(
+        keycloak_claims(&iss, "web-shop"),
+        json!({"aud": ["orders-api", "account"]}),
+    ));
     let other_audience = key.mint(keycloak_claims(&iss, "web-shop"));
     let gone = key.mint(keycloak_claims(ORIGIN_DEAD, "web-shop"));
     let stop = Arc::new(AtomicBool::new(false));
@@ -370,11 +401,21 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     // A rejected config, then an accepted one: both reload results move.
     audgate.replace_config("routes: [ this is not a config\n");
     audgate
-        .wait_metric("audgate_config_reloads_total", &[("result", "error")], Duration::from_secs(20), |v| v >= 1.0)
+        .wait_metric(
+            "audgate_config_reloads_total",
+            &[("result", "error")],
+            Duration::from_secs(20),
+            |v| v >= 1.0,
+        )
         .await;
     audgate.replace_config(&traffic_config(&issuer, "second"));
     audgate
-        .wait_metric("audgate_config_reloads_total", &[("result", "ok")], Duration::from_secs(20), |v| v >= 1.0)
+        .wait_metric(
+            "audgate_config_reloads_total",
+            &[("result", "ok")],
+            Duration::from_secs(20),
+            |v| v >= 1.0,
+        )
         .await;
 
     // Every query returns data (a finite value) once a few scrapes hold the traffic.
