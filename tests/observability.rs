@@ -523,3 +523,31 @@ fn every_observability_file_is_checked() {
     let listed: BTreeSet<String> = FILES.iter().map(|(f, _)| (*f).to_owned()).collect();
     assert_eq!(found, listed, "FILES must list exactly the files of {DIR}");
 }
+
+/// docs/observability.md and docs/helm.md link only to files that exist, and name every file
+/// of deploy/observability.
+#[test]
+fn docs_links_resolve() {
+    for file in ["docs/observability.md", "docs/helm.md"] {
+        let markdown = read(file);
+        let base = repo_root().join(file).parent().expect("a directory").to_path_buf();
+        let mut links = 0;
+        for piece in markdown.split("](").skip(1) {
+            let target = piece.split(')').next().unwrap_or_default();
+            let target = target.split('#').next().unwrap_or_default();
+            if target.is_empty() || target.contains("://") {
+                continue;
+            }
+            assert!(
+                base.join(target).exists(),
+                "{file} links to {target}, which does not exist"
+            );
+            links += 1;
+        }
+        assert!(links >= 5, "{file}: {links} links");
+    }
+    let docs = read("docs/observability.md");
+    for (name, _) in FILES {
+        assert!(docs.contains(name), "docs/observability.md does not name {name}");
+    }
+}
