@@ -823,6 +823,41 @@ fn replicas_without_autoscaling_and_an_existing_configmap() {
     assert!(pdb.get("minAvailable").is_none());
 }
 
+/// TLS with the client CA from the same Secret (cert-manager's `ca.crt`): one Secret source
+/// with the three files, where `listen.tls` names them.
+#[test]
+fn tls_and_client_ca_from_one_secret() {
+    let (text, objects) = render(
+        &[
+            "--set",
+            "tls.enabled=true",
+            "--set",
+            "tls.secretName=audgate-tls",
+            "--set",
+            "tls.clientCA.enabled=true",
+        ],
+        "helm template (TLS, one Secret)",
+    );
+    validate_manifests(&text, "helm template (TLS, one Secret)");
+    check_render(&objects, "TLS, one Secret");
+    let (_, config) = rendered_config(&objects);
+    assert_eq!(config["listen"]["tls"]["client_ca_file"], "/etc/audgate/tls/ca.crt");
+    assert!(config["listen"]["tls"].get("client_sans").is_none());
+    let deployment = find_object(&objects, "Deployment", "audgate");
+    let sources = deployment["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"]
+        .as_array()
+        .expect("sources");
+    let secrets: Vec<&Value> = sources.iter().filter(|s| s.get("secret").is_some()).collect();
+    assert_eq!(secrets.len(), 1, "{sources:?}");
+    let paths: Vec<&str> = secrets[0]["secret"]["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["path"].as_str())
+        .collect();
+    assert_eq!(paths, vec!["tls/tls.crt", "tls/tls.key", "tls/ca.crt"]);
+}
+
 /// Runs `audgate check-config` on a rendered config: passes, and prints no warnings.
 fn check_config(text: &str, what: &str) {
     let dir = tempfile::tempdir().expect("a temp dir");
