@@ -3,11 +3,11 @@
 //!
 //! The architecture, one module a line:
 //!
-//! - [`authz`]: the pure decision core. Route table, token extraction, JWT parsing and
+//! - [`authz`] (crates/audgate-core): the pure decision core. Route table, token extraction, JWT parsing and
 //!   verification, claim checks, the reason codes and the plain-data response. No I/O, no
 //!   clock, no wire types: `now` and the issuers' keys are parameters.
-//! - [`config`]: YAML -> validated [`config::Config`], every error with file:line:column.
-//! - [`jwks`]: JWKS parsing (pure), fetching (discovery, URL, file) and the per-issuer cache
+//! - [`config`] (crates/audgate-core): YAML -> validated [`config::Config`], every error with file:line:column.
+//! - [`jwks`] (crates/audgate-keys, parsing in crates/audgate-core): JWKS parsing (pure), fetching (discovery, URL, file) and the per-issuer cache
 //!   with periodic refresh and rate-limited refetch on an unknown `kid`.
 //! - [`token_cache`]: the verified-token cache (bounded, keyed by a token hash, dropped when
 //!   the issuer's keys change).
@@ -32,18 +32,18 @@
 //! - [`commands`]: the one-shot CLI commands (`explain`, `test`, `doctor`) around the above.
 #![forbid(unsafe_code)]
 
+pub use audgate_core::{authz, config};
+pub use audgate_keys as jwks;
+
 pub mod admin;
 pub mod admin_api;
 pub mod app;
-pub mod authz;
 pub mod check;
 pub mod commands;
-pub mod config;
 pub mod doctor;
 pub mod explain;
 pub mod grpc;
 pub mod http;
-pub mod jwks;
 pub mod logging;
 pub mod metrics;
 pub mod policy_test;

@@ -130,15 +130,6 @@ impl Default for TokenCacheMetrics {
     }
 }
 
-pub fn record_jwks_refresh(issuer: &str, ok: bool) {
-    let result = if ok { "ok" } else { "error" };
-    counter!(JWKS_REFRESH, "issuer" => issuer.to_owned(), "result" => result).increment(1);
-}
-
-pub fn set_jwks_keys(issuer: &str, keys: usize) {
-    gauge!(JWKS_KEYS, "issuer" => issuer.to_owned()).set(keys as f64);
-}
-
 pub fn record_config_reload(ok: bool) {
     counter!(CONFIG_RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);
 }

@@ -1,8 +1,12 @@
-//! Issuer keys: parsing a JWKS (pure), fetching it, and caching it per issuer.
+//! Issuer keys: fetching a JWKS and caching it per issuer (parsing is in `audgate_core::jwks`).
+#![forbid(unsafe_code)]
 
 mod cache;
 mod fetch;
-mod keyset;
+mod metrics;
+
+use audgate_core::jwks as keyset;
+use audgate_core::{authz, config};
 
 use std::sync::Arc;
 
