@@ -1,6 +1,9 @@
-//! End-to-end tests: a real Envoy 1.40 (gRPC ext_authz, tests/envoy/ext_authz_grpc.yaml) in front
-//! of the echo upstream, asking the real `audgate serve` binary, which loads keys from an
-//! in-process OIDC issuer. Every token is minted at test time with keys generated at test time.
+//! End-to-end tests: a real Envoy 1.40 in front of the echo upstream, deciding with audgate, which
+//! loads keys from an in-process OIDC issuer. Every case runs in both modes (`both_modes!`):
+//! Envoy asking the real `audgate serve` binary over gRPC ext_authz
+//! (tests/envoy/ext_authz_grpc.yaml), and Envoy running audgate in process as a dynamic module
+//! (libaudgate_envoy.so, tests/envoy/dynamic_module.yaml). Every token is minted at test time
+//! with keys generated at test time.
 //!
 //! Envoy is found by `common::envoy_binary()` ($AUDGATE_TEST_ENVOY, `envoy` on PATH, or
 //! `.venv/bin/envoy`); without it these tests fail with the install command.
@@ -13,10 +16,28 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    IssuerServer, Reply, Stack, TestKey, assert_deny, assert_upstream, decode_payload, free_port, hs256_jws,
+    IssuerServer, Mode, ModeStack, Reply, TestKey, assert_deny, assert_upstream, decode_payload, free_port, hs256_jws,
     keycloak_claims, merge, now, random_hex, str_claim, unsigned_jws,
 };
 use serde_json::{Value, json};
+
+/// Each end-to-end case runs in both modes, from this one list: `CASE::ext_authz` (Envoy asks
+/// `audgate serve` over gRPC ext_authz, tests/envoy/ext_authz_grpc.yaml) and `CASE::module`
+/// (Envoy runs audgate in process as a dynamic module, tests/envoy/dynamic_module.yaml).
+macro_rules! both_modes {
+    ($case:ident) => {
+        mod $case {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn ext_authz() {
+                super::$case(super::Mode::ExtAuthz).await;
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn module() {
+                super::$case(super::Mode::Module).await;
+            }
+        }
+    };
+}
 
 /// The audgate config shared by most tests (`listen` is added by the harness).
 ///
@@ -90,10 +111,10 @@ default: deny
 }
 
 /// Starts the standard stack with one RSA and one EC key and waits until audgate has loaded them.
-async fn standard_stack() -> (Stack, TestKey, TestKey) {
+async fn standard_stack(mode: Mode) -> (ModeStack, TestKey, TestKey) {
     let rsa = TestKey::rsa("rsa-1");
     let ec = TestKey::ec("ec-1");
-    let stack = Stack::start(&[&rsa, &ec], standard_config).await;
+    let stack = ModeStack::start(mode, &[&rsa, &ec], standard_config).await;
     let token = rsa.mint(keycloak_claims(&stack.issuer.issuer_url(), "my-app"));
     let reply = stack.wait_ready("/app/ready", &token).await;
     assert_eq!(
@@ -103,6 +124,17 @@ async fn standard_stack() -> (Stack, TestKey, TestKey) {
         stack.logs()
     );
     (stack, rsa, ec)
+}
+
+/// Checks Envoy counted as errors: ext_authz's `error` stat, or the module's
+/// `audgate_checks_total{decision="error"}` summed over routes and reasons.
+async fn error_count(stack: &ModeStack) -> u64 {
+    match stack.mode {
+        Mode::ExtAuthz => stack.envoy_stat("http.ingress.ext_authz.error").await.unwrap_or(0),
+        Mode::Module => common::module_checks(&stack.envoy_prometheus().await, |labels| {
+            labels.get("decision").map(String::as_str) == Some("error")
+        }),
+    }
 }
 
 /// A 401 for an invalid token (the challenge is checked by `assert_deny`).
@@ -253,11 +285,11 @@ async fn harness_self_test() {
 // Through Envoy against the real binary
 // ---------------------------------------------------------------------------------------------
 
+both_modes!(allow_sets_claim_headers_and_strips_spoofed_ones);
 /// Allow: the claim headers as the upstream sees them, spoofed copies overwritten or removed,
 /// anonymous routes, and a route where Envoy skips ext_authz.
-#[tokio::test(flavor = "multi_thread")]
-async fn allow_sets_claim_headers_and_strips_spoofed_ones() {
-    let (stack, rsa, ec) = standard_stack().await;
+async fn allow_sets_claim_headers_and_strips_spoofed_ones(mode: Mode) {
+    let (stack, rsa, ec) = standard_stack(mode).await;
     let iss = stack.issuer.issuer_url();
 
     // RS256 Keycloak token on the aud/azp route.
@@ -376,11 +408,11 @@ async fn allow_sets_claim_headers_and_strips_spoofed_ones() {
     assert_eq!(reply.status, 200, "/public bypasses ext_authz\n{reply}");
 }
 
+both_modes!(keycloak_audience_versus_azp);
 /// Keycloak >= 4.6 tokens carry `aud: "account"` and the client id in `azp`: denied on a route
 /// that checks only `aud`, allowed where the route accepts `azp`.
-#[tokio::test(flavor = "multi_thread")]
-async fn keycloak_audience_versus_azp() {
-    let (stack, rsa, _ec) = standard_stack().await;
+async fn keycloak_audience_versus_azp(mode: Mode) {
+    let (stack, rsa, _ec) = standard_stack(mode).await;
     let iss = stack.issuer.issuer_url();
 
     let modern = keycloak_claims(&iss, "my-app");
@@ -437,10 +469,10 @@ async fn keycloak_audience_versus_azp() {
     );
 }
 
+both_modes!(token_problems_are_401_with_reason);
 /// Every token problem is a 401 with `WWW-Authenticate` and a JSON body naming the reason.
-#[tokio::test(flavor = "multi_thread")]
-async fn token_problems_are_401_with_reason() {
-    let (stack, rsa, ec) = standard_stack().await;
+async fn token_problems_are_401_with_reason(mode: Mode) {
+    let (stack, rsa, ec) = standard_stack(mode).await;
     let iss = stack.issuer.issuer_url();
     let good = keycloak_claims(&iss, "my-app");
     let path = "/app/orders";
@@ -589,10 +621,10 @@ async fn token_problems_are_401_with_reason() {
     assert_eq!(reply.status, 200, "valid token after the bad ones\n{reply}");
 }
 
+both_modes!(authorization_problems_are_403);
 /// Authorization problems are 403: audience, scope and role, and no matching route.
-#[tokio::test(flavor = "multi_thread")]
-async fn authorization_problems_are_403() {
-    let (stack, rsa, ec) = standard_stack().await;
+async fn authorization_problems_are_403(mode: Mode) {
+    let (stack, rsa, ec) = standard_stack(mode).await;
     let iss = stack.issuer.issuer_url();
     let good = keycloak_claims(&iss, "my-app");
 
@@ -680,10 +712,10 @@ async fn authorization_problems_are_403() {
     );
 }
 
+both_modes!(context_extension_selects_route);
 /// Envoy's per-route `context_extensions` pick the audgate route by name.
-#[tokio::test(flavor = "multi_thread")]
-async fn context_extension_selects_route() {
-    let (stack, rsa, _ec) = standard_stack().await;
+async fn context_extension_selects_route(mode: Mode) {
+    let (stack, rsa, _ec) = standard_stack(mode).await;
     let iss = stack.issuer.issuer_url();
     let ctx_token = rsa.mint(keycloak_claims(&iss, "ctx-client"));
     let path_token = rsa.mint(keycloak_claims(&iss, "path-client"));
@@ -724,16 +756,16 @@ async fn context_extension_selects_route() {
     }
 }
 
+both_modes!(key_rotation_and_refetch_rate_limit);
 /// A key rotated in under a new `kid` is fetched on first use; unknown kids cannot make audgate
 /// hammer the JWKS endpoint (`min_refresh_interval`); a withdrawn key stops working.
-#[tokio::test(flavor = "multi_thread")]
-async fn key_rotation_and_refetch_rate_limit() {
+async fn key_rotation_and_refetch_rate_limit(mode: Mode) {
     let old_key = TestKey::rsa("rotating-1");
     let new_key = TestKey::ec("rotating-2");
     let steady_key = TestKey::rsa("steady-1");
     let steady = IssuerServer::start_at("/realms/steady", &[&steady_key]).await;
     let steady_url = steady.issuer_url();
-    let stack = Stack::start(&[&old_key], |rotating_url| {
+    let stack = ModeStack::start(mode, &[&old_key], |rotating_url| {
         format!(
             r#"
 issuers:
@@ -815,10 +847,10 @@ default: deny
     assert_eq!(reply.status, 200, "steady key after the burst\n{reply}");
 }
 
+both_modes!(keys_unavailable_is_503_and_dry_run_allows);
 /// An issuer whose keys were never loaded is an error (503 through a fail-closed Envoy), on any
 /// route including `dry_run`; `dry_run` otherwise allows what it would deny.
-#[tokio::test(flavor = "multi_thread")]
-async fn keys_unavailable_is_503_and_dry_run_allows() {
+async fn keys_unavailable_is_503_and_dry_run_allows(mode: Mode) {
     let good_key = TestKey::rsa("good-1");
     let down_key = TestKey::rsa("down-1");
     // Discovery works but the advertised jwks_uri is a closed port.
@@ -831,7 +863,7 @@ async fn keys_unavailable_is_503_and_dry_run_allows() {
     // No server at all behind this issuer's jwks_uri.
     let down_direct_url = format!("http://127.0.0.1:{}/realms/down-direct", free_port());
 
-    let stack = Stack::start(&[&good_key], |good_url| {
+    let stack = ModeStack::start(mode, &[&good_key], |good_url| {
         format!(
             r#"
 issuers:
@@ -864,7 +896,7 @@ default: deny
     let reply = stack.wait_ready("/orders", &good_token).await;
     assert_eq!(reply.status, 200, "good issuer\n{reply}\n{}", stack.logs());
 
-    let errors_before = stack.envoy_stat("http.ingress.ext_authz.error").await.unwrap_or(0);
+    let errors_before = error_count(&stack).await;
     let mut unavailable = 0;
     for (label, iss) in [
         ("discovery ok, jwks_uri down", &down_discovery_url),
@@ -885,12 +917,14 @@ default: deny
             unavailable += 1;
         }
     }
-    // Envoy counted these as ext_authz *errors* (error_response), not as denials.
-    let errors_after = stack.envoy_stat("http.ingress.ext_authz.error").await.unwrap_or(0);
+    // Envoy counted these as errors, not as denials: ext_authz's error_response, or the
+    // module's decision=error count.
+    let errors_after = error_count(&stack).await;
     assert!(
         errors_after >= errors_before + unavailable,
-        "expected {unavailable} more ext_authz.error in Envoy (before {errors_before}, after \
-         {errors_after}): keys_unavailable must be returned as an error_response, not a denial"
+        "expected {unavailable} more errors in Envoy (before {errors_before}, after \
+         {errors_after}): keys_unavailable must be returned as an error, not a denial\n{}",
+        stack.logs()
     );
 
     // dry_run: a verified token the route would deny (client `nobody`) is allowed with claim headers.

@@ -2036,7 +2036,7 @@ impl Envoy {
             upstream: upstream_port,
         };
         let config = render_envoy_config(&ports);
-        Self::launch(ports, ExtAuthzMode::Grpc, &config).await
+        Self::launch(ports, ExtAuthzMode::Grpc, &config, &[]).await
     }
 
     /// Like [`Envoy::start`] with tests/envoy/ext_authz_http.yaml: ext_authz in `http_service`
@@ -2050,7 +2050,7 @@ impl Envoy {
             upstream: upstream_port,
         };
         let config = render_envoy_http_config(&ports, audgate_http_port);
-        Self::launch(ports, ExtAuthzMode::Http { audgate_http_port }, &config).await
+        Self::launch(ports, ExtAuthzMode::Http { audgate_http_port }, &config, &[]).await
     }
 
     /// Runs Envoy with a config the caller rendered itself (e.g. tests/e2e_istio.rs's
@@ -2058,10 +2058,16 @@ impl Envoy {
     /// harness waits for `/ready` there); `ports` is only recorded, and [`Envoy::url`] uses
     /// `ports.listen`.
     pub async fn start_rendered(ports: EnvoyPorts, rendered: &str) -> Self {
-        Self::launch(ports, ExtAuthzMode::Grpc, rendered).await
+        Self::launch(ports, ExtAuthzMode::Grpc, rendered, &[]).await
     }
 
-    async fn launch(ports: EnvoyPorts, mode: ExtAuthzMode, rendered: &str) -> Self {
+    /// Like [`Envoy::start_rendered`] with extra environment variables for Envoy (e.g.
+    /// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`).
+    pub async fn start_rendered_with_env(ports: EnvoyPorts, rendered: &str, env: &[(&str, &Path)]) -> Self {
+        Self::launch(ports, ExtAuthzMode::Grpc, rendered, env).await
+    }
+
+    async fn launch(ports: EnvoyPorts, mode: ExtAuthzMode, rendered: &str, env: &[(&str, &Path)]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("audgate-envoy-")
             .tempdir()
@@ -2086,6 +2092,7 @@ impl Envoy {
             .arg("--file-flush-interval-msec")
             .arg("100")
             .current_dir(dir.path());
+        command.envs(env.iter().map(|(k, v)| (*k, *v)));
         let mut process = Process::spawn("envoy", command, dir.path());
 
         let client = http_client();
@@ -2606,4 +2613,239 @@ impl TestProcess {
     pub fn logs(&self) -> String {
         self.0.logs()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// audgate inside Envoy: the dynamic module (crates/audgate-envoy)
+// ---------------------------------------------------------------------------------------------
+
+/// How a test stack decides: Envoy asking `audgate serve` over gRPC ext_authz, or Envoy running
+/// audgate in process as a dynamic module (libaudgate_envoy.so). The end-to-end cases of
+/// tests/e2e_envoy.rs run in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    ExtAuthz,
+    Module,
+}
+
+/// The directory holding `libaudgate_envoy.so` for Envoy's `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`:
+/// `$AUDGATE_TEST_MODULE_DIR`, else the debug build in the target directory, which is built
+/// here (`cargo build -p audgate-envoy`, a no-op when fresh) so a test never loads a stale module.
+pub fn module_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("AUDGATE_TEST_MODULE_DIR") {
+        return PathBuf::from(dir);
+    }
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "audgate-envoy"])
+                .current_dir(repo_root())
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run cargo build -p audgate-envoy: {e}"));
+            assert!(status.success(), "cargo build -p audgate-envoy failed ({status})");
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
+            let dir = target.join("debug");
+            assert!(
+                dir.join("libaudgate_envoy.so").is_file(),
+                "no libaudgate_envoy.so in {}",
+                dir.display()
+            );
+            dir
+        })
+        .clone()
+}
+
+/// Path of the dynamic-module Envoy template.
+pub fn envoy_module_template_path() -> PathBuf {
+    repo_root().join("tests/envoy/dynamic_module.yaml")
+}
+
+/// tests/envoy/dynamic_module.yaml rendered: `{{AUDGATE_CONFIG}}` is the audgate config file the
+/// module loads (`ports.audgate_grpc` is not used).
+pub fn render_envoy_module_config(ports: &EnvoyPorts, audgate_config: &Path) -> String {
+    let path = envoy_module_template_path();
+    let template = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read the Envoy template {}: {e}", path.display()));
+    let rendered = template
+        .replace("{{LISTEN_PORT}}", &ports.listen.to_string())
+        .replace("{{ADMIN_PORT}}", &ports.admin.to_string())
+        .replace("{{AUDGATE_CONFIG}}", &audgate_config.display().to_string())
+        .replace("{{UPSTREAM_PORT}}", &ports.upstream.to_string());
+    if let Some(pos) = rendered.find("{{") {
+        let rest: String = rendered[pos..].chars().take(40).collect();
+        panic!("unreplaced placeholder in {}: {rest:?}", path.display());
+    }
+    rendered
+}
+
+/// An issuer, the echo upstream and Envoy, deciding in either [`Mode`]; what the end-to-end
+/// cases drive. In [`Mode::Module`] there is no audgate process: Envoy loads the module, which
+/// reads the audgate config file at [`ModeStack::config_path`].
+pub struct ModeStack {
+    pub mode: Mode,
+    pub envoy: Envoy,
+    pub echo: EchoServer,
+    pub issuer: IssuerServer,
+    /// The audgate server ([`Mode::ExtAuthz`] only).
+    pub audgate: Option<Audgate>,
+    /// The audgate config file the module reads ([`Mode::Module`] only).
+    pub config_path: PathBuf,
+    _dir: Option<TempDir>,
+    client: reqwest::Client,
+}
+
+impl ModeStack {
+    /// [`Stack::start`] in `mode`.
+    pub async fn start(mode: Mode, keys: &[&TestKey], config: impl FnOnce(&str) -> String) -> Self {
+        let issuer = IssuerServer::start(keys).await;
+        Self::start_with_issuer(mode, issuer, config).await
+    }
+
+    pub async fn start_with_issuer(mode: Mode, issuer: IssuerServer, config: impl FnOnce(&str) -> String) -> Self {
+        match mode {
+            Mode::ExtAuthz => {
+                let Stack {
+                    envoy,
+                    audgate,
+                    echo,
+                    issuer,
+                    client,
+                } = Stack::start_with_issuer(issuer, config).await;
+                Self {
+                    mode,
+                    envoy,
+                    echo,
+                    issuer,
+                    audgate: Some(audgate),
+                    config_path: PathBuf::new(),
+                    _dir: None,
+                    client,
+                }
+            }
+            Mode::Module => {
+                let echo = EchoServer::start().await;
+                let dir = tempfile::Builder::new()
+                    .prefix("audgate-module-")
+                    .tempdir()
+                    .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+                let config_path = dir.path().join(CONFIG_FILE_NAME);
+                std::fs::write(&config_path, config(&issuer.issuer_url()))
+                    .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+                let ports = EnvoyPorts {
+                    listen: free_port(),
+                    admin: free_port(),
+                    audgate_grpc: 0,
+                    upstream: echo.port(),
+                };
+                let rendered = render_envoy_module_config(&ports, &config_path);
+                let modules = module_dir();
+                let envoy = Envoy::start_rendered_with_env(
+                    ports,
+                    &rendered,
+                    &[("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", &modules)],
+                )
+                .await;
+                Self {
+                    mode,
+                    envoy,
+                    echo,
+                    issuer,
+                    audgate: None,
+                    config_path,
+                    _dir: Some(dir),
+                    client: http_client(),
+                }
+            }
+        }
+    }
+
+    /// `GET {path}` through Envoy's listener with `headers`.
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        get(&self.client, &self.envoy.url(), path, headers).await
+    }
+
+    /// `GET {path}` through Envoy with `Authorization: Bearer <token>` plus `headers`.
+    pub async fn get_with_token(&self, path: &str, token: &str, headers: &[(&str, &str)]) -> Reply {
+        let auth = bearer(token);
+        let mut all: Vec<(&str, &str)> = vec![("authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        self.get(path, &all).await
+    }
+
+    /// [`Stack::wait_ready`]: until `GET {path}` with `token` stops answering 503.
+    pub async fn wait_ready(&self, path: &str, token: &str) -> Reply {
+        let deadline = Instant::now() + KEYS_READY_TIMEOUT;
+        loop {
+            let reply = self.get_with_token(path, token, &[]).await;
+            if reply.status != 503 {
+                return reply;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "GET {path} with a valid token still answered 503 after {KEYS_READY_TIMEOUT:?} \
+                     (keys never loaded?)\nlast reply:\n{reply}\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One counter or gauge from Envoy's admin `/stats`; `None` when absent.
+    pub async fn envoy_stat(&self, name: &str) -> Option<u64> {
+        let url = format!("{}/stats", self.envoy.admin_url());
+        let text = self.client.get(&url).send().await.ok()?.text().await.ok()?;
+        text.lines().find_map(|line| {
+            let (key, value) = line.split_once(": ")?;
+            if key == name { value.trim().parse().ok() } else { None }
+        })
+    }
+
+    /// Envoy's `/stats/prometheus` text.
+    pub async fn envoy_prometheus(&self) -> String {
+        let url = format!("{}/stats/prometheus", self.envoy.admin_url());
+        match self.client.get(&url).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => panic!("GET {url}: {e}"),
+        }
+    }
+
+    /// audgate's (ext_authz mode) and Envoy's output so far.
+    pub fn logs(&self) -> String {
+        match &self.audgate {
+            Some(a) => format!("{}\n{}", a.logs(), self.envoy.logs()),
+            None => self.envoy.logs(),
+        }
+    }
+}
+
+/// The sum of the module's `audgate_checks_total` series in Envoy's `/stats/prometheus` text
+/// whose labels satisfy `pick` (the metric name may carry Envoy's stat prefix).
+pub fn module_checks(prometheus: &str, pick: impl Fn(&HashMap<String, String>) -> bool) -> u64 {
+    let mut total = 0;
+    for line in prometheus.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some((name, labels)) = series.split_once('{') else {
+            continue;
+        };
+        if !name.ends_with("audgate_checks_total") {
+            continue;
+        }
+        let labels: HashMap<String, String> = labels
+            .trim_end_matches('}')
+            .split("\",")
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once("=\"")?;
+                Some((k.to_owned(), v.trim_end_matches('"').to_owned()))
+            })
+            .collect();
+        if pick(&labels) {
+            total += value.parse::<f64>().unwrap_or(0.0) as u64;
+        }
+    }
+    total
 }
