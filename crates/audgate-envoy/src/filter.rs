@@ -63,6 +63,9 @@ impl Shared {
     }
 }
 
+/// What `envoy --mode validate` runs with when the config file is not there: denies everything.
+const PLACEHOLDER: &str = "default: deny\n";
+
 /// One Envoy filter config: `filter_config` names the audgate config file.
 pub struct FilterConfig {
     pub shared: Arc<Shared>,
@@ -83,6 +86,27 @@ impl FilterConfig {
             ]);
         }
         let path = Path::new(path);
+        if !run && !path.exists() {
+            // `envoy --mode validate` where the file is not mounted: nothing will be served
+            log(
+                Level::Warn,
+                &format!("audgate: {} does not exist; validating the Envoy config without it", path.display()),
+            );
+            let loaded = config::parse(PLACEHOLDER).map_err(|e| vec![format!("audgate: placeholder config: {e:?}")])?;
+            let (keys, _) = KeyStore::build(&loaded.config, None).map_err(|e| vec![e])?;
+            return Ok(FilterConfig {
+                shared: Arc::new(Shared {
+                    path: path.to_owned(),
+                    current: RwLock::new(Arc::new(Snapshot {
+                        config: loaded.config,
+                        keys,
+                    })),
+                    runtime: OnceLock::new(),
+                }),
+                _background: None,
+                checks_counter: None,
+            });
+        }
         let loaded = config::load(path).map_err(|e| e.to_string().lines().map(str::to_owned).collect::<Vec<_>>())?;
         for w in &loaded.warnings {
             log(Level::Warn, &config::located(path, w, "warning"));
@@ -514,6 +538,14 @@ routes:
         ]);
         assert_eq!(map["cookie"], "a=1; b=2");
         assert_eq!(map["x"], "1,2");
+    }
+
+    #[test]
+    fn validation_without_the_file_uses_a_deny_all_placeholder() {
+        let cfg = FilterConfig::load("/nonexistent/audgate.yaml", false).unwrap_or_else(|e| panic!("{e:?}"));
+        let stream = request("/x", &[]);
+        assert!(matches!(Filter::new(&cfg).on_request_headers(&stream), Step::Stop));
+        assert!(FilterConfig::load("/nonexistent/audgate.yaml", true).is_err());
     }
 
     #[test]

@@ -1,0 +1,429 @@
+//! audgate inside Envoy: what only the in-process filter (libaudgate_envoy.so, a dynamic module
+//! loaded by the real Envoy 1.40) does or shows. The decisions themselves are covered in both
+//! modes by tests/e2e_envoy.rs; here: dynamic metadata in the access log, the decision counts in
+//! Envoy's /stats/prometheus, config reload (good applied, bad kept out), a bad config at start,
+//! a client that goes away while its check waits for keys, jwt_verify_lib's conformance vectors
+//! through the module, and deploy/envoy/envoy-module.yaml.
+//!
+//! The module is built by `common::module_dir()` (`cargo build -p audgate-envoy`).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    EnvoyPorts, IssuerServer, Mode, ModeStack, TestKey, assert_deny, assert_upstream, free_port, keycloak_claims,
+    str_claim,
+};
+use serde_json::{Value, json};
+
+fn config(issuer: &str, client: &str) -> String {
+    format!(
+        r#"
+issuers:
+  test:
+    issuer: {issuer}
+    discovery: true
+    min_refresh_interval: 1s
+
+claim_headers:
+  x-auth-subject: sub
+  x-auth-client-id: $client_id
+
+routes:
+  - name: health
+    match: {{ path_prefix: /health }}
+    allow_anonymous: true
+  - name: app
+    match: {{ path_prefix: /app }}
+    client_ids: [{client}]
+    client_id_claims: [aud, azp]
+
+default: deny
+"#
+    )
+}
+
+/// Poll `cond` every 100 ms until it holds or `timeout` passes.
+async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The decision reaches Envoy's access log as dynamic metadata in namespace `audgate`, and the
+/// counts by route, decision and reason reach Envoy's own /stats/prometheus.
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_in_access_log_and_counts_in_envoy_prometheus() {
+    let key = TestKey::rsa("m-1");
+    let stack = ModeStack::start(Mode::Module, &[&key], |iss| config(iss, "my-app")).await;
+    let claims = keycloak_claims(&stack.issuer.issuer_url(), "my-app");
+    let token = key.mint(claims.clone());
+    let reply = stack.wait_ready("/app/x", &token).await;
+    assert_upstream(
+        &reply,
+        &[
+            ("x-auth-subject", Some(str_claim(&claims, "sub"))),
+            ("x-auth-client-id", Some("my-app")),
+        ],
+        "allowed through the module",
+    );
+    let reply = stack.get("/app/x", &[]).await;
+    assert_deny(&reply, 401, "missing_token", None, "no token");
+    let sub = str_claim(&claims, "sub").to_owned();
+    let logged = eventually(Duration::from_secs(5), || {
+        let logs = stack.envoy.logs();
+        let sub = sub.clone();
+        async move {
+            logs.contains(&format!("route=app reason=allowed client_id=my-app subject={sub} issuer=test"))
+                && logs.contains("route=app reason=missing_token")
+        }
+    })
+    .await;
+    assert!(logged, "access log lines with %DYNAMIC_METADATA(audgate:...)%\n{}", stack.logs());
+
+    let prometheus = stack.envoy_prometheus().await;
+    let allowed = common::module_checks(&prometheus, |l| {
+        l.get("route").map(String::as_str) == Some("app")
+            && l.get("decision").map(String::as_str) == Some("allow")
+            && l.get("reason").map(String::as_str) == Some("allowed")
+    });
+    let missing = common::module_checks(&prometheus, |l| {
+        l.get("decision").map(String::as_str) == Some("deny")
+            && l.get("reason").map(String::as_str) == Some("missing_token")
+    });
+    assert!(allowed >= 1 && missing >= 1, "audgate_checks_total in Envoy's /stats/prometheus:\n{prometheus}");
+}
+
+/// A changed config file is applied within seconds; a file that fails validation is kept out
+/// (its file:line:column errors logged) and the config in use keeps deciding.
+#[tokio::test(flavor = "multi_thread")]
+async fn config_reload_applies_good_files_and_keeps_out_bad_ones() {
+    let key = TestKey::rsa("r-1");
+    let stack = ModeStack::start(Mode::Module, &[&key], |iss| config(iss, "my-app")).await;
+    let iss = stack.issuer.issuer_url();
+    let my_app = key.mint(keycloak_claims(&iss, "my-app"));
+    let other = key.mint(keycloak_claims(&iss, "other-app"));
+    assert_eq!(stack.wait_ready("/app/x", &my_app).await.status, 200);
+    assert_eq!(stack.get_with_token("/app/x", &other, &[]).await.status, 403);
+
+    // good file: route `app` now wants other-app
+    std::fs::write(&stack.config_path, config(&iss, "other-app")).unwrap();
+    let applied = eventually(Duration::from_secs(10), || async {
+        stack.get_with_token("/app/x", &other, &[]).await.status == 200
+    })
+    .await;
+    assert!(applied, "the reloaded config was not applied\n{}", stack.logs());
+    assert_deny(
+        &stack.get_with_token("/app/x", &my_app, &[]).await,
+        403,
+        "audience_mismatch",
+        Some(&my_app),
+        "after reload",
+    );
+
+    // bad file: refused with its location, the config in use keeps serving
+    std::fs::write(&stack.config_path, "routes:\n  - name: app\n    bogus_key: 1\n").unwrap();
+    let logged = eventually(Duration::from_secs(10), || {
+        let logs = stack.envoy.logs();
+        async move { logs.contains("config reload rejected") && logs.contains("audgate.yaml:") }
+    })
+    .await;
+    assert!(logged, "a rejected reload must be logged with file:line:column\n{}", stack.logs());
+    assert_eq!(
+        stack.get_with_token("/app/x", &other, &[]).await.status,
+        200,
+        "the config in use must keep serving after a bad reload\n{}",
+        stack.logs()
+    );
+}
+
+/// Render the module template for `config_file` with the module's search path.
+fn envoy_with_module(config_file: &Path) -> (tempfile::TempDir, std::path::PathBuf) {
+    let ports = EnvoyPorts {
+        listen: free_port(),
+        admin: free_port(),
+        audgate_grpc: 0,
+        upstream: free_port(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(&path, common::render_envoy_module_config(&ports, config_file)).unwrap();
+    (dir, path)
+}
+
+fn envoy_command(args: &[&str], config: &Path) -> Command {
+    let mut command = Command::new(common::envoy_binary());
+    command
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .args(["--disable-hot-restart", "-l", "warning", "--concurrency", "1"])
+        .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", common::module_dir())
+        .stdin(Stdio::null());
+    command
+}
+
+/// A config that fails validation makes Envoy reject the filter config, with audgate's
+/// file:line:column errors, both in `--mode validate` and at start.
+#[test]
+fn bad_config_is_rejected_with_located_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("audgate.yaml");
+    std::fs::write(&bad, "issuers:\n  test:\n    issuer: https://x.example\n    discovery: true\nroutes:\n  - name: a\n    client_ids: [x]\n    nonsense: true\n").unwrap();
+    let (_envoy_dir, envoy_config) = envoy_with_module(&bad);
+    for mode in [&["--mode", "validate"][..], &["--mode", "serve"][..]] {
+        let mut child = envoy_command(mode, &envoy_config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("Envoy ({mode:?}) did not exit on a bad audgate config");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let output = child.wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(!output.status.success(), "Envoy ({mode:?}) accepted a bad audgate config:\n{text}");
+        let located = format!("{}:8:5: error:", bad.display());
+        assert!(text.contains(&located), "Envoy ({mode:?}) output lacks `{located}`:\n{text}");
+    }
+}
+
+/// deploy/envoy/envoy-module.yaml loads in the Envoy we test against, with the module.
+#[test]
+fn deploy_envoy_module_example_validates() {
+    let path = common::repo_root().join("deploy/envoy/envoy-module.yaml");
+    let output = envoy_command(&["--mode", "validate"], &path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "envoy --mode validate {}:\n{text}", path.display());
+}
+
+/// A client that goes away while its check waits for a key refetch: the stream is destroyed
+/// meanwhile, the refetch's resume finds nothing to do, Envoy keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_gone_while_waiting_for_keys() {
+    let key = TestKey::rsa("g-1");
+    let stack = ModeStack::start(Mode::Module, &[&key], |iss| config(iss, "my-app")).await;
+    let iss = stack.issuer.issuer_url();
+    let good = key.mint(keycloak_claims(&iss, "my-app"));
+    assert_eq!(stack.wait_ready("/app/x", &good).await.status, 200);
+
+    tokio::time::sleep(Duration::from_millis(1200)).await; // past min_refresh_interval
+    stack.issuer.set_jwks_delay(Duration::from_millis(1500));
+    let other = TestKey::rsa("g-unknown");
+    let token = other.mint(keycloak_claims(&iss, "my-app"));
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let url = format!("{}/app/x", stack.envoy.url());
+    let gone = client.get(&url).bearer_auth(&token).send().await;
+    assert!(gone.is_err(), "the request should still be waiting for the refetch: {gone:?}");
+    tokio::time::sleep(Duration::from_millis(2000)).await; // the refetch ends, its resume is a no-op
+    stack.issuer.set_jwks_delay(Duration::ZERO);
+    assert_eq!(
+        stack.get_with_token("/app/x", &good, &[]).await.status,
+        200,
+        "Envoy must keep serving\n{}",
+        stack.logs()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// jwt_verify_lib's vectors through the module (tests/conformance/README.md for the mapping)
+// ---------------------------------------------------------------------------------------------
+
+fn yaml_list(items: &[Value]) -> String {
+    let quoted: Vec<String> = items.iter().map(Value::to_string).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn unix_now() -> i64 {
+    i64::try_from(common::now()).unwrap_or(i64::MAX)
+}
+
+/// Cases that share issuer, key set, algorithms and leeway share one audgate config (one
+/// listener with its own filter config); each case is a route of its own (`/c{index}`).
+#[tokio::test(flavor = "multi_thread")]
+async fn conformance_vectors_through_the_module() {
+    let mut cases: Vec<Value> = Vec::new();
+    for file in ["jwt_verify_lib.json", "jwt_verify_lib.compat.json"] {
+        let path = common::repo_root().join("tests/conformance").join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let list: Vec<Value> = serde_json::from_str(&text).unwrap();
+        cases.extend(list);
+    }
+    let earliest = cases
+        .iter()
+        .filter(|c| c["time"]["needs_leeway"].as_bool() == Some(true))
+        .filter_map(|c| c["time"]["exp"].as_i64())
+        .min()
+        .unwrap_or_else(unix_now);
+    let long_leeway = unix_now() - earliest + 86_400;
+
+    let dir = tempfile::tempdir().unwrap();
+    let echo = common::EchoServer::start().await;
+    // group -> (config file, listener port, case indexes)
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let leeway = if case["time"]["needs_leeway"].as_bool() == Some(true) { long_leeway } else { 30 };
+        let group = json!([case["issuer"], case["jwks"], case["algorithms"], leeway]).to_string();
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((group, vec![i])),
+        }
+    }
+    let mut listeners = String::new();
+    let mut ports = Vec::new();
+    for (g, (_, members)) in groups.iter().enumerate() {
+        let first = &cases[members[0]];
+        let leeway = if first["time"]["needs_leeway"].as_bool() == Some(true) { long_leeway } else { 30 };
+        let jwks_path = dir.path().join(format!("jwks-{g}.json"));
+        std::fs::write(&jwks_path, first["jwks"].to_string()).unwrap();
+        let mut yaml = format!(
+            "issuers:\n  conformance:\n    issuer: {}\n    jwks_file: {}\n    algorithms: {}\n    leeway: {leeway}\nroutes:\n",
+            first["issuer"],
+            jwks_path.display(),
+            yaml_list(first["algorithms"].as_array().unwrap())
+        );
+        for &i in members {
+            let route = &cases[i]["route"];
+            yaml.push_str(&format!(
+                "  - name: c{i}\n    match: {{ path_prefix: /c{i}/ }}\n    client_ids: {}\n    client_id_claims: {}\n",
+                yaml_list(route["client_ids"].as_array().unwrap()),
+                yaml_list(route["client_id_claims"].as_array().unwrap())
+            ));
+        }
+        yaml.push_str("default: deny\n");
+        let config_path = dir.path().join(format!("audgate-{g}.yaml"));
+        std::fs::write(&config_path, yaml).unwrap();
+        let port = free_port();
+        ports.push(port);
+        listeners.push_str(&format!(
+            r#"
+  - name: group{g}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: group{g}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{ match: {{ prefix: "/" }}, route: {{ cluster: echo }} }}]
+          http_filters:
+          - name: envoy.filters.http.dynamic_modules
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config: {{ name: audgate_envoy }}
+              filter_name: audgate
+              filter_config: {{ "@type": type.googleapis.com/google.protobuf.StringValue, value: "{}" }}
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+"#,
+            config_path.display()
+        ));
+    }
+    let admin = free_port();
+    let rendered = format!(
+        r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:{listeners}
+  clusters:
+  - name: echo
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: echo
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }} }}
+"#,
+        echo.port()
+    );
+    let envoy_ports = EnvoyPorts {
+        listen: ports[0],
+        admin,
+        audgate_grpc: 0,
+        upstream: echo.port(),
+    };
+    let modules = common::module_dir();
+    let envoy = common::Envoy::start_rendered_with_env(
+        envoy_ports,
+        &rendered,
+        &[("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", &modules)],
+    )
+    .await;
+    let client = common::http_client();
+    let mut failures = Vec::new();
+    for (g, (_, members)) in groups.iter().enumerate() {
+        for &i in members {
+            let case = &cases[i];
+            let base = format!("http://127.0.0.1:{}", ports[g]);
+            let auth = format!("Bearer {}", case["token"].as_str().unwrap_or_default());
+            let reply = common::get(&client, &base, &format!("/c{i}/"), &[("authorization", &auth)]).await;
+            let got = if reply.status == 200 {
+                "allow".to_owned()
+            } else {
+                reply.error_code().unwrap_or_else(|| format!("status {}", reply.status))
+            };
+            let ok = match &case["expected"] {
+                Value::String(s) => *s == got,
+                Value::Array(list) => list.iter().any(|r| r.as_str() == Some(got.as_str())),
+                _ => false,
+            };
+            if !ok {
+                failures.push(format!("{}: got {got}, expected {}", case["id"], case["expected"]));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed through the module:\n{}\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n"),
+        envoy.logs()
+    );
+}
+
+/// Keys down at start: 503 `keys_unavailable` with Retry-After, never an allow.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_down_at_start_is_503() {
+    let key = TestKey::rsa("d-1");
+    let issuer = IssuerServer::start(&[&key]).await;
+    issuer.set_jwks_failure(Some(500));
+    let stack = ModeStack::start_with_issuer(Mode::Module, issuer, |iss| config(iss, "my-app")).await;
+    let token = key.mint(keycloak_claims(&stack.issuer.issuer_url(), "my-app"));
+    let reply = stack.get_with_token("/app/x", &token, &[]).await;
+    assert_eq!(reply.status, 503, "{reply}\n{}", stack.logs());
+    assert_eq!(reply.error_code().as_deref(), Some("keys_unavailable"), "{reply}");
+    assert_eq!(reply.header("retry-after"), Some("5"), "{reply}");
+    // the issuer recovers: the next refresh or refetch loads the keys
+    stack.issuer.set_jwks_failure(None);
+    let reply = stack.wait_ready("/app/x", &token).await;
+    assert_eq!(reply.status, 200, "{reply}\n{}", stack.logs());
+}
