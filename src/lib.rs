@@ -34,6 +34,7 @@
 
 pub use audgate_core::{authz, config};
 pub use audgate_keys as jwks;
+pub use audgate_keys::token_cache;
 
 pub mod admin;
 pub mod admin_api;
@@ -50,4 +51,3 @@ pub mod policy_test;
 pub mod reload;
 pub mod serve;
 pub mod summary;
-pub mod token_cache;

@@ -105,30 +105,7 @@ pub fn record_check(route: &str, verdict: Verdict, reason: Reason, elapsed: Dura
     histogram!(CHECK_DURATION, "route" => route.to_owned()).record(elapsed.as_secs_f64());
 }
 
-/// The verified-token cache's hit and miss counters, as handles.
-pub struct TokenCacheMetrics {
-    hits: Counter,
-    misses: Counter,
-}
-
-impl TokenCacheMetrics {
-    pub fn new() -> TokenCacheMetrics {
-        TokenCacheMetrics {
-            hits: counter!(CACHE_HITS),
-            misses: counter!(CACHE_MISSES),
-        }
-    }
-
-    pub fn record(&self, hit: bool) {
-        if hit { &self.hits } else { &self.misses }.increment(1);
-    }
-}
-
-impl Default for TokenCacheMetrics {
-    fn default() -> Self {
-        TokenCacheMetrics::new()
-    }
-}
+pub use audgate_keys::TokenCacheMetrics;
 
 pub fn record_config_reload(ok: bool) {
     counter!(CONFIG_RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);

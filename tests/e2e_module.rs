@@ -88,14 +88,27 @@ async fn metadata_in_access_log_and_counts_in_envoy_prometheus() {
         let logs = stack.envoy.logs();
         let sub = sub.clone();
         async move {
-            logs.contains(&format!("route=app reason=allowed client_id=my-app subject={sub} issuer=test"))
-                && logs.contains("route=app reason=missing_token")
+            logs.contains(&format!(
+                "route=app reason=allowed client_id=my-app subject={sub} issuer=test"
+            )) && logs.contains("route=app reason=missing_token")
         }
     })
     .await;
-    assert!(logged, "access log lines with %DYNAMIC_METADATA(audgate:...)%\n{}", stack.logs());
+    assert!(
+        logged,
+        "access log lines with %DYNAMIC_METADATA(audgate:...)%\n{}",
+        stack.logs()
+    );
 
     let prometheus = stack.envoy_prometheus().await;
+    // Envoy 1.40 files a dynamic module's stats under `dynamicmodulescustom` (no
+    // metrics_namespace field yet) and prefixes `envoy_` in Prometheus output.
+    assert!(
+        prometheus.contains(
+            r#"envoy_dynamicmodulescustom_audgate_checks_total{route="app",decision="allow",reason="allowed"}"#
+        ),
+        "{prometheus}"
+    );
     let allowed = common::module_checks(&prometheus, |l| {
         l.get("route").map(String::as_str) == Some("app")
             && l.get("decision").map(String::as_str) == Some("allow")
@@ -105,7 +118,10 @@ async fn metadata_in_access_log_and_counts_in_envoy_prometheus() {
         l.get("decision").map(String::as_str) == Some("deny")
             && l.get("reason").map(String::as_str) == Some("missing_token")
     });
-    assert!(allowed >= 1 && missing >= 1, "audgate_checks_total in Envoy's /stats/prometheus:\n{prometheus}");
+    assert!(
+        allowed >= 1 && missing >= 1,
+        "audgate_checks_total in Envoy's /stats/prometheus:\n{prometheus}"
+    );
 }
 
 /// A changed config file is applied within seconds; a file that fails validation is kept out
@@ -142,7 +158,11 @@ async fn config_reload_applies_good_files_and_keeps_out_bad_ones() {
         async move { logs.contains("config reload rejected") && logs.contains("audgate.yaml:") }
     })
     .await;
-    assert!(logged, "a rejected reload must be logged with file:line:column\n{}", stack.logs());
+    assert!(
+        logged,
+        "a rejected reload must be logged with file:line:column\n{}",
+        stack.logs()
+    );
     assert_eq!(
         stack.get_with_token("/app/x", &other, &[]).await.status,
         200,
@@ -200,10 +220,20 @@ fn bad_config_is_rejected_with_located_errors() {
             std::thread::sleep(Duration::from_millis(50));
         }
         let output = child.wait_with_output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-        assert!(!output.status.success(), "Envoy ({mode:?}) accepted a bad audgate config:\n{text}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            !output.status.success(),
+            "Envoy ({mode:?}) accepted a bad audgate config:\n{text}"
+        );
         let located = format!("{}:8:5: error:", bad.display());
-        assert!(text.contains(&located), "Envoy ({mode:?}) output lacks `{located}`:\n{text}");
+        assert!(
+            text.contains(&located),
+            "Envoy ({mode:?}) output lacks `{located}`:\n{text}"
+        );
     }
 }
 
@@ -212,8 +242,16 @@ fn bad_config_is_rejected_with_located_errors() {
 fn deploy_envoy_module_example_validates() {
     let path = common::repo_root().join("deploy/envoy/envoy-module.yaml");
     let output = envoy_command(&["--mode", "validate"], &path).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "envoy --mode validate {}:\n{text}", path.display());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "envoy --mode validate {}:\n{text}",
+        path.display()
+    );
 }
 
 /// A client that goes away while its check waits for a key refetch: the stream is destroyed
@@ -237,7 +275,10 @@ async fn client_gone_while_waiting_for_keys() {
         .unwrap();
     let url = format!("{}/app/x", stack.envoy.url());
     let gone = client.get(&url).bearer_auth(&token).send().await;
-    assert!(gone.is_err(), "the request should still be waiting for the refetch: {gone:?}");
+    assert!(
+        gone.is_err(),
+        "the request should still be waiting for the refetch: {gone:?}"
+    );
     tokio::time::sleep(Duration::from_millis(2000)).await; // the refetch ends, its resume is a no-op
     stack.issuer.set_jwks_delay(Duration::ZERO);
     assert_eq!(
@@ -285,7 +326,11 @@ async fn conformance_vectors_through_the_module() {
     // group -> (config file, listener port, case indexes)
     let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
     for (i, case) in cases.iter().enumerate() {
-        let leeway = if case["time"]["needs_leeway"].as_bool() == Some(true) { long_leeway } else { 30 };
+        let leeway = if case["time"]["needs_leeway"].as_bool() == Some(true) {
+            long_leeway
+        } else {
+            30
+        };
         let group = json!([case["issuer"], case["jwks"], case["algorithms"], leeway]).to_string();
         match groups.iter_mut().find(|(g, _)| *g == group) {
             Some((_, members)) => members.push(i),
@@ -296,7 +341,11 @@ async fn conformance_vectors_through_the_module() {
     let mut ports = Vec::new();
     for (g, (_, members)) in groups.iter().enumerate() {
         let first = &cases[members[0]];
-        let leeway = if first["time"]["needs_leeway"].as_bool() == Some(true) { long_leeway } else { 30 };
+        let leeway = if first["time"]["needs_leeway"].as_bool() == Some(true) {
+            long_leeway
+        } else {
+            30
+        };
         let jwks_path = dir.path().join(format!("jwks-{g}.json"));
         std::fs::write(&jwks_path, first["jwks"].to_string()).unwrap();
         let mut yaml = format!(

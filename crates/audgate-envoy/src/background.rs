@@ -115,9 +115,6 @@ fn reload(shared: &Shared, text: &str) -> Result<String, Vec<String>> {
     let (keys, fresh) = KeyStore::build(&loaded.config, Some(&previous.keys)).map_err(|e| vec![e])?;
     KeyStore::spawn_refresh(fresh);
     let hash = loaded.config.hash.clone();
-    shared.replace(Snapshot {
-        config: loaded.config,
-        keys,
-    });
+    shared.replace(Snapshot::new(loaded.config, keys));
     Ok(hash)
 }

@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use audgate_core::authz::{self, CheckInput, Decision, Reason, Verdict};
 use audgate_core::config::{self, Config};
+use audgate_keys::token_cache::TokenCache;
 use audgate_keys::{IssuerKeys, KeyStore};
 
 use crate::background::Background;
@@ -43,6 +44,15 @@ pub trait Stream {
 pub struct Snapshot {
     pub config: Config,
     pub keys: KeyStore,
+    /// Verified tokens (SPEC.md "Caching"), as `audgate serve` keeps them; new per config.
+    pub tokens: TokenCache,
+}
+
+impl Snapshot {
+    pub fn new(config: Config, keys: KeyStore) -> Snapshot {
+        let tokens = TokenCache::new(&config.token_cache);
+        Snapshot { config, keys, tokens }
+    }
 }
 
 /// The snapshot in use, replaced whole by a reload.
@@ -90,17 +100,17 @@ impl FilterConfig {
             // `envoy --mode validate` where the file is not mounted: nothing will be served
             log(
                 Level::Warn,
-                &format!("audgate: {} does not exist; validating the Envoy config without it", path.display()),
+                &format!(
+                    "audgate: {} does not exist; validating the Envoy config without it",
+                    path.display()
+                ),
             );
             let loaded = config::parse(PLACEHOLDER).map_err(|e| vec![format!("audgate: placeholder config: {e:?}")])?;
             let (keys, _) = KeyStore::build(&loaded.config, None).map_err(|e| vec![e])?;
             return Ok(FilterConfig {
                 shared: Arc::new(Shared {
                     path: path.to_owned(),
-                    current: RwLock::new(Arc::new(Snapshot {
-                        config: loaded.config,
-                        keys,
-                    })),
+                    current: RwLock::new(Arc::new(Snapshot::new(loaded.config, keys))),
                     runtime: OnceLock::new(),
                 }),
                 _background: None,
@@ -116,10 +126,7 @@ impl FilterConfig {
         let text = std::fs::read(path).unwrap_or_default();
         let shared = Arc::new(Shared {
             path: path.to_owned(),
-            current: RwLock::new(Arc::new(Snapshot {
-                config: loaded.config,
-                keys,
-            })),
+            current: RwLock::new(Arc::new(Snapshot::new(loaded.config, keys))),
             runtime: OnceLock::new(),
         });
         let background = if run {

@@ -4,6 +4,7 @@
 mod cache;
 mod fetch;
 mod metrics;
+pub mod token_cache;
 
 use audgate_core::jwks as keyset;
 use audgate_core::{authz, config};
@@ -13,6 +14,7 @@ use std::sync::Arc;
 pub use cache::{IssuerKeys, Refreshed};
 pub use fetch::{Fetcher, MAX_DOCUMENT_BYTES};
 pub use keyset::{JwksError, Key, KeyKind, KeySet, SkippedKey};
+pub use metrics::TokenCacheMetrics;
 
 use crate::authz::IssuerId;
 use crate::config::Config;

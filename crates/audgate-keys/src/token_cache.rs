@@ -14,9 +14,9 @@
 use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 
+use crate::KeyStore;
 use crate::authz::{TokenMemo, VerifiedToken};
 use crate::config::TokenCacheConfig;
-use crate::jwks::KeyStore;
 use crate::metrics::TokenCacheMetrics;
 
 type Key = [u8; 32];
