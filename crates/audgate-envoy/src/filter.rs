@@ -361,13 +361,16 @@ mod tests {
 
     use super::*;
 
+    /// A local reply: status, headers, body, details.
+    type Reply = (u16, Vec<(String, String)>, String, String);
+
     #[derive(Default)]
     struct Fake {
         headers: Vec<(String, String)>,
         route: Option<String>,
         set: RefCell<Vec<(String, String)>>,
         removed: RefCell<Vec<String>>,
-        replies: RefCell<Vec<(u16, Vec<(String, String)>, String, String)>>,
+        replies: RefCell<Vec<Reply>>,
         metadata: RefCell<HashMap<String, String>>,
         counts: RefCell<Vec<[String; 3]>>,
     }
