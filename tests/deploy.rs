@@ -61,6 +61,14 @@ const DEPLOY_FILES: &[(&str, &str)] = &[
         "deploy/envoy/envoy-http-service.yaml",
         "envoy --mode validate (e2e_envoy.rs); run against audgate's HTTP endpoint with the base config",
     ),
+    (
+        "deploy/envoy/envoy-module.yaml",
+        "envoy --mode validate with libaudgate_envoy.so loaded (e2e_module.rs)",
+    ),
+    (
+        "deploy/envoy/Dockerfile.module",
+        "hadolint (dockerfile_module_passes_hadolint)",
+    ),
     ("deploy/kubernetes/base/kustomization.yaml", "kubectl kustomize"),
     (
         "deploy/kubernetes/base/audgate.yaml",
@@ -1200,6 +1208,25 @@ async fn deploy_envoy_http_service_runs_with_the_base_config() {
 // ---------------------------------------------------------------------------------------------
 // Dockerfile
 // ---------------------------------------------------------------------------------------------
+
+/// The Envoy-with-the-module image (docs/envoy-filter.md).
+#[test]
+fn dockerfile_module_passes_hadolint() {
+    let out = run(&hadolint(), &["deploy/envoy/Dockerfile.module"]);
+    assert!(
+        out.ok,
+        "hadolint deploy/envoy/Dockerfile.module ({}):\n{}{}",
+        out.status, out.stdout, out.stderr
+    );
+    let text = read("deploy/envoy/Dockerfile.module");
+    for needed in [
+        "cargo build --release --locked -p audgate-envoy",
+        "ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
+        "COPY crates ./crates",
+    ] {
+        assert!(text.contains(needed), "deploy/envoy/Dockerfile.module lacks {needed}");
+    }
+}
 
 #[test]
 fn dockerfile_passes_hadolint() {
