@@ -476,3 +476,146 @@ async fn keys_down_at_start_is_503() {
     let reply = stack.wait_ready("/app/x", &token).await;
     assert_eq!(reply.status, 200, "{reply}\n{}", stack.logs());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Soak through the module
+// ---------------------------------------------------------------------------------------------
+
+/// VmRSS of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Mixed traffic through Envoy and the module for `$AUDGATE_MODULE_SOAK_SECS` seconds (10 by
+/// default; `scripts/soak.sh --mode module` runs 600), 8 connections: valid tokens, expired
+/// ones, random `kid`s, no token, a wrong audience, an anonymous route. Every answer must be
+/// the expected one, random kids must not cause more JWKS fetches than `min_refresh_interval`
+/// allows, and Envoy's RSS must stay flat after a warm-up.
+#[tokio::test(flavor = "multi_thread")]
+async fn module_soak() {
+    let seconds: u64 = std::env::var("AUDGATE_MODULE_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let key = TestKey::rsa("s-1");
+    let stack = ModeStack::start(Mode::Module, &[&key], |iss| {
+        config(iss, "my-app").replace("min_refresh_interval: 1s", "min_refresh_interval: 30s")
+    })
+    .await;
+    let iss = stack.issuer.issuer_url();
+    let valid: Vec<String> = (0..50).map(|_| key.mint(keycloak_claims(&iss, "my-app"))).collect();
+    assert_eq!(stack.wait_ready("/app/x", &valid[0]).await.status, 200);
+    let expired = key.mint(common::merge(
+        keycloak_claims(&iss, "my-app"),
+        json!({"exp": common::now() - 3600, "iat": common::now() - 7200}),
+    ));
+    let wrong_aud = key.mint(keycloak_claims(&iss, "someone-else"));
+    let attacker = TestKey::ec("attacker");
+    let stack = std::sync::Arc::new(stack);
+    let fetches_before = stack.issuer.jwks_fetches();
+
+    let run = |secs: u64| {
+        let stack = std::sync::Arc::clone(&stack);
+        let (valid, expired, wrong_aud) = (valid.clone(), expired.clone(), wrong_aud.clone());
+        let attacker_header = |kid: String| json!({"alg": "ES256", "typ": "JWT", "kid": kid});
+        let random_kid_tokens: Vec<String> = (0..20)
+            .map(|i| attacker.sign(&attacker_header(format!("soak-{i}")), &keycloak_claims(&iss, "my-app")))
+            .collect();
+        async move {
+            let mut tasks = Vec::new();
+            for worker in 0..8usize {
+                let stack = std::sync::Arc::clone(&stack);
+                let (valid, expired, wrong_aud, randoms) = (
+                    valid.clone(),
+                    expired.clone(),
+                    wrong_aud.clone(),
+                    random_kid_tokens.clone(),
+                );
+                tasks.push(tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(secs);
+                    let (mut sent, mut wrong) = (0u64, Vec::new());
+                    let mut i = worker;
+                    while Instant::now() < deadline {
+                        i = i.wrapping_mul(31).wrapping_add(7);
+                        let (reply, expected) = match i % 6 {
+                            0 | 1 => (
+                                stack.get_with_token("/app/x", &valid[i % valid.len()], &[]).await,
+                                (200, ""),
+                            ),
+                            2 => (
+                                stack.get_with_token("/app/x", &expired, &[]).await,
+                                (401, "expired"),
+                            ),
+                            3 => (
+                                stack.get_with_token("/app/x", &randoms[i % randoms.len()], &[]).await,
+                                (401, "unknown_kid"),
+                            ),
+                            4 => (stack.get("/app/x", &[]).await, (401, "missing_token")),
+                            _ => (
+                                stack.get_with_token("/app/x", &wrong_aud, &[]).await,
+                                (403, "audience_mismatch"),
+                            ),
+                        };
+                        sent += 1;
+                        let code = reply.error_code().unwrap_or_default();
+                        if reply.status != expected.0 || (expected.0 != 200 && code != expected.1) {
+                            wrong.push(format!("expected {expected:?}, got {} {code}", reply.status));
+                        }
+                    }
+                    (sent, wrong)
+                }));
+            }
+            let mut total = 0;
+            let mut wrong = Vec::new();
+            for t in tasks {
+                let (sent, w) = t.await.unwrap();
+                total += sent;
+                wrong.extend(w);
+            }
+            (total, wrong)
+        }
+    };
+    // warm-up, then the measured window
+    let (_, wrong) = run(2).await;
+    assert!(
+        wrong.is_empty(),
+        "wrong answers in the warm-up: {:?}",
+        &wrong[..wrong.len().min(5)]
+    );
+    let rss_start = rss_kib(stack.envoy.pid());
+    let started = Instant::now();
+    let (sent, wrong) = run(seconds).await;
+    let rss_end = rss_kib(stack.envoy.pid());
+    let fetches = stack.issuer.jwks_fetches() - fetches_before;
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "module soak: {sent} requests in {elapsed:.1} s ({:.0}/s), {} wrong, Envoy RSS {:.1} -> {:.1} MiB, {fetches} JWKS fetches",
+        sent as f64 / elapsed,
+        wrong.len(),
+        rss_start as f64 / 1024.0,
+        rss_end as f64 / 1024.0
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    assert!(sent > 100, "only {sent} requests");
+    let allowed_fetches = 2 + (elapsed as usize + 2) / 30;
+    assert!(
+        fetches <= allowed_fetches,
+        "{fetches} JWKS fetches (at most {allowed_fetches}): a refetch storm"
+    );
+    let growth_mib = (rss_end as f64 - rss_start as f64) / 1024.0;
+    assert!(
+        growth_mib < 32.0,
+        "Envoy's RSS grew by {growth_mib:.1} MiB\n{}",
+        stack.logs()
+    );
+}

@@ -2142,6 +2142,11 @@ impl Envoy {
     pub fn logs(&self) -> String {
         self.process.logs()
     }
+
+    /// The Envoy process id (for RSS sampling).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
 }
 
 /// Runs `envoy --mode validate -c <path>`; returns the combined output, or panics with it when
