@@ -547,10 +547,7 @@ async fn module_soak() {
                                 stack.get_with_token("/app/x", &valid[i % valid.len()], &[]).await,
                                 (200, ""),
                             ),
-                            2 => (
-                                stack.get_with_token("/app/x", &expired, &[]).await,
-                                (401, "expired"),
-                            ),
+                            2 => (stack.get_with_token("/app/x", &expired, &[]).await, (401, "expired")),
                             3 => (
                                 stack.get_with_token("/app/x", &randoms[i % randoms.len()], &[]).await,
                                 (401, "unknown_kid"),

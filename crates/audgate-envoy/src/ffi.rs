@@ -19,7 +19,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
 
 use crate::Level;
-use crate::filter::{CHECKS_COUNTER, CHECKS_LABELS, Filter, FilterConfig, METADATA_NAMESPACE, Step, Stream};
+use crate::filter::{
+    CHECKS_COUNTER, CHECKS_LABELS, Filter, FilterConfig, METADATA_NAMESPACE, Step, Stream, header_from_bytes,
+};
 
 /// The ABI version this module is written against (Envoy 1.40 reports v0.2.0).
 const ABI_VERSION: &[u8] = b"v0.2.0\0";
@@ -227,10 +229,7 @@ impl Stream for EnvoyStream {
                         envoy_bytes(h.value_ptr, h.value_length),
                     )
                 };
-                (
-                    String::from_utf8_lossy(key).into_owned(),
-                    String::from_utf8_lossy(value).into_owned(),
-                )
+                header_from_bytes(key, value)
             })
             .collect()
     }

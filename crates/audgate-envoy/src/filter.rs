@@ -233,6 +233,15 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// One header as Envoy handed it over, as text: invalid UTF-8 is replaced (U+FFFD), so the
+/// core only ever sees `str`s whose lengths are their own.
+pub fn header_from_bytes(name: &[u8], value: &[u8]) -> (String, String) {
+    (
+        String::from_utf8_lossy(name).into_owned(),
+        String::from_utf8_lossy(value).into_owned(),
+    )
+}
+
 /// Envoy's headers as the core reads them: repeated headers joined with `,` (`cookie` with
 /// `; `, as one Cookie header would carry them).
 fn header_map(headers: Vec<(String, String)>) -> HashMap<String, String> {
@@ -536,6 +545,110 @@ routes:
         );
         assert_eq!(without_query_parameters("/a?access%5Ftoken=x", &["access_token"]), "/a");
         assert_eq!(without_query_parameters("/a", &["access_token"]), "/a");
+    }
+
+    /// xorshift64*: deterministic pseudo-random input without another dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn bytes(&mut self, max: usize) -> Vec<u8> {
+            const PIECES: [&[u8]; 14] = [
+                b"Bearer ",
+                b"bearer",
+                b"eyJhbGciOiJSUzI1NiJ9",
+                b".",
+                b"%2F",
+                b"%",
+                b"?",
+                b"&",
+                b"=",
+                b";",
+                b",",
+                b"access_token",
+                b"\xff\xfe",
+                b"x-auth-subject",
+            ];
+            let mut out = Vec::new();
+            let len = self.below(max + 1);
+            while out.len() < len {
+                if self.below(3) == 0 {
+                    out.extend_from_slice(PIECES[self.below(PIECES.len())]);
+                } else {
+                    out.push(self.next() as u8);
+                }
+            }
+            out
+        }
+    }
+
+    /// The boundary's header handling under arbitrary bytes: whatever a request carries (invalid
+    /// UTF-8, control characters, huge or repeated headers, broken tokens, odd paths and
+    /// queries), a check never panics and always ends in exactly one of: continue without a
+    /// local reply, or one local reply with a 401/403/503 and a JSON body.
+    #[test]
+    fn arbitrary_request_bytes_always_get_one_clean_answer() {
+        let (_dir, cfg) = config(&format!(
+            "{CONFIG}token:\n  sources: [authorization, {{query: access_token}}, {{cookie: session}}, {{header: x-token}}]\n  forward: false\n"
+        ));
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let names: [&[u8]; 9] = [
+            b":path",
+            b"authorization",
+            b"cookie",
+            b"x-token",
+            b"x-auth-subject",
+            b"x_auth_subject",
+            b":authority",
+            b"x-request-id",
+            b"\x00bad",
+        ];
+        for _ in 0..3000 {
+            let mut headers = vec![
+                header_from_bytes(b":method", b"GET"),
+                header_from_bytes(b":authority", &rng.bytes(20)),
+            ];
+            let mut path = if rng.below(2) == 0 {
+                b"/orders".to_vec()
+            } else {
+                b"/public".to_vec()
+            };
+            path.extend(rng.bytes(40));
+            headers.push(header_from_bytes(b":path", &path));
+            for _ in 0..rng.below(6) {
+                let name = names[rng.below(names.len())];
+                headers.push(header_from_bytes(name, &rng.bytes(300)));
+            }
+            let stream = Fake {
+                headers,
+                route: (rng.below(4) == 0).then(|| String::from_utf8_lossy(&rng.bytes(10)).into_owned()),
+                ..Fake::default()
+            };
+            let mut filter = Filter::new(&cfg);
+            let step = match filter.on_request_headers(&stream) {
+                Step::WaitForKeys { .. } => filter.on_resume(&stream),
+                other => other,
+            };
+            let replies = stream.replies.borrow();
+            match step {
+                Step::Continue => assert!(replies.is_empty()),
+                Step::Stop => {
+                    assert_eq!(replies.len(), 1);
+                    assert!(matches!(replies[0].0, 401 | 403 | 503), "{}", replies[0].0);
+                    assert!(serde_json::from_str::<serde_json::Value>(&replies[0].2).is_ok());
+                }
+                Step::WaitForKeys { .. } => panic!("waited twice"),
+            }
+            assert_eq!(stream.counts.borrow().len(), 1);
+        }
     }
 
     #[test]
