@@ -471,6 +471,17 @@ async fn keys_down_at_start_is_503() {
     assert_eq!(reply.status, 503, "{reply}\n{}", stack.logs());
     assert_eq!(reply.error_code().as_deref(), Some("keys_unavailable"), "{reply}");
     assert_eq!(reply.header("retry-after"), Some("5"), "{reply}");
+    // the key cache's own log events reach Envoy's log
+    let logged = eventually(Duration::from_secs(10), || {
+        let logs = stack.envoy.logs();
+        async move { logs.contains("JWKS not loaded yet") && logs.contains("issuer=test") }
+    })
+    .await;
+    assert!(
+        logged,
+        "the key cache's warnings must reach Envoy's log\n{}",
+        stack.logs()
+    );
     // the issuer recovers: the next refresh or refetch loads the keys
     stack.issuer.set_jwks_failure(None);
     let reply = stack.wait_ready("/app/x", &token).await;

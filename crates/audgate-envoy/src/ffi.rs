@@ -434,6 +434,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     config: EnvoyBuffer,
 ) -> *const c_void {
     guard(ptr::null, || {
+        crate::init_tracing();
         // SAFETY: Envoy's buffer is valid for the duration of this hook; copied right away.
         let bytes = unsafe { envoy_bytes(config.ptr, config.length) };
         let Ok(path) = std::str::from_utf8(bytes) else {
