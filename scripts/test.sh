@@ -4,6 +4,9 @@
 # promtool from Debian's packages (apt-get; as root, or through sudo), the pinned npm
 # oidc-provider into tests/oidc-provider (npm ci; needs node 20+), nginx from Debian
 # (nginx-light), and Helm (pinned, built from the Go module proxy into .tools/bin; needs Go).
+# The in-process Envoy filter's tests (tests/e2e_module.rs, the ::module cases of
+# tests/e2e_envoy.rs) build crates/audgate-envoy themselves (`cargo build -p audgate-envoy`, debug)
+# and load target/debug/libaudgate_envoy.so into the same Envoy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/envoy-env.sh

@@ -9,7 +9,9 @@
 //! - [`config`] (crates/audgate-core): YAML -> validated [`config::Config`], every error with file:line:column.
 //! - [`jwks`] (crates/audgate-keys, parsing in crates/audgate-core): JWKS parsing (pure), fetching (discovery, URL, file) and the per-issuer cache
 //!   with periodic refresh and rate-limited refetch on an unknown `kid`.
-//! - [`token_cache`]: the verified-token cache (bounded, keyed by a token hash, dropped when
+//! - `crates/audgate-envoy` (not a module of this crate): the same decisions inside Envoy, as
+//!   a dynamic module (`libaudgate_envoy.so`), over the same core and key cache.
+//! - [`token_cache`] (crates/audgate-keys): the verified-token cache (bounded, keyed by a token hash, dropped when
 //!   the issuer's keys change).
 //! - [`check`]: one check end to end: evaluate, refetch keys once when the core asks, log.
 //! - [`grpc`]: Envoy's `envoy.service.auth.v3.Authorization` over tonic; the only module that
