@@ -7,12 +7,13 @@
 //!   verification, claim checks, the reason codes and the plain-data response. No I/O, no
 //!   clock, no wire types: `now` and the issuers' keys are parameters.
 //! - [`config`] (crates/audgate-core): YAML -> validated [`config::Config`], every error with file:line:column.
-//! - [`jwks`] (crates/audgate-keys, parsing in crates/audgate-core): JWKS parsing (pure), fetching (discovery, URL, file) and the per-issuer cache
-//!   with periodic refresh and rate-limited refetch on an unknown `kid`.
+//! - [`jwks`] (crates/audgate-keys; parsing in crates/audgate-core): JWKS parsing (pure),
+//!   fetching (discovery, URL, file) and the per-issuer cache with periodic refresh and
+//!   rate-limited refetch on an unknown `kid`.
 //! - `crates/audgate-envoy` (not a module of this crate): the same decisions inside Envoy, as
 //!   a dynamic module (`libaudgate_envoy.so`), over the same core and key cache.
-//! - [`token_cache`] (crates/audgate-keys): the verified-token cache (bounded, keyed by a token hash, dropped when
-//!   the issuer's keys change).
+//! - [`token_cache`] (crates/audgate-keys): the verified-token cache (bounded, keyed by a
+//!   token hash, dropped when the issuer's keys change).
 //! - [`check`]: one check end to end: evaluate, refetch keys once when the core asks, log.
 //! - [`grpc`]: Envoy's `envoy.service.auth.v3.Authorization` over tonic; the only module that
 //!   touches envoy-types.
