@@ -3,10 +3,11 @@
 //!
 //! The architecture, one module a line:
 //!
-//! - [`authz`] (crates/audgate-core): the pure decision core. Route table, token extraction, JWT parsing and
-//!   verification, claim checks, the reason codes and the plain-data response. No I/O, no
-//!   clock, no wire types: `now` and the issuers' keys are parameters.
-//! - [`config`] (crates/audgate-core): YAML -> validated [`config::Config`], every error with file:line:column.
+//! - [`authz`] (crates/audgate-core): the pure decision core. Route table, token extraction,
+//!   JWT parsing and verification, claim checks, the reason codes and the plain-data response.
+//!   No I/O, no clock, no wire types: `now` and the issuers' keys are parameters.
+//! - [`config`] (crates/audgate-core): YAML -> validated [`config::Config`], every error with
+//!   file:line:column.
 //! - [`jwks`] (crates/audgate-keys; parsing in crates/audgate-core): JWKS parsing (pure),
 //!   fetching (discovery, URL, file) and the per-issuer cache with periodic refresh and
 //!   rate-limited refetch on an unknown `kid`.
