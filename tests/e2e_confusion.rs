@@ -528,3 +528,60 @@ async fn forward_false_keeps_the_token_from_the_upstream() {
         "{path}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The same through audgate inside Envoy (the dynamic module, tests/envoy/dynamic_module.yaml):
+// the module reads Envoy's `:path` and `:authority` as ext_authz's CheckRequest carries them.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn module_without_normalize_path_checks_the_resolved_path_and_host() {
+    let key = TestKey::rsa("k1");
+    let stack = ModeStack::start(Mode::Module, &[&key], |iss| config(iss, "")).await;
+    let token = key.mint(merge(
+        keycloak_claims(&stack.issuer.issuer_url(), "web"),
+        json!({"aud": "api"}),
+    ));
+    stack.wait_ready("/strict/x", &token).await;
+    let rendered = std::fs::read_to_string(&stack.envoy.config_path).unwrap();
+    assert!(!rendered.contains("normalize_path"), "this Envoy must not normalize");
+    assert_no_confusion(stack.envoy.ports.listen, "envoy module", || stack.logs()).await;
+}
+
+#[tokio::test]
+async fn module_forward_false_keeps_the_token_from_the_upstream() {
+    let key = TestKey::rsa("k1");
+    let stack = ModeStack::start(Mode::Module, &[&key], |iss| {
+        config(
+            iss,
+            "token:\n  sources: [authorization, {cookie: session}, {query: access_token}]\n  forward: false",
+        )
+    })
+    .await;
+    let claims = merge(
+        keycloak_claims(&stack.issuer.issuer_url(), "web"),
+        json!({"aud": "api"}),
+    );
+    let sub = claims["sub"].clone();
+    let token = key.mint(claims);
+    stack.wait_ready("/strict/x", &token).await;
+    let port = stack.envoy.ports.listen;
+    let upstream = |body: &str| -> Value { serde_json::from_str(body).unwrap() };
+
+    let auth = bearer(&token);
+    let (status, body) = raw(port, "GET", "/strict/x", &[("authorization", &auth)]).await;
+    assert_eq!(status, 200, "{body}");
+    let seen = upstream(&body);
+    assert!(seen["headers"].get("authorization").is_none(), "{seen}");
+    assert_eq!(seen["headers"]["x-auth-subject"], sub);
+
+    let cookie = format!("theme=dark; session={token}; lang=en");
+    let (status, body) = raw(port, "GET", "/strict/x", &[("cookie", &cookie)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(upstream(&body)["headers"]["cookie"], "theme=dark; lang=en", "{body}");
+
+    let (status, body) = raw(port, "GET", &format!("/strict/x?a=1&access_token={token}&b=2"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let seen = upstream(&body);
+    assert_eq!(seen["path"], "/strict/x?a=1&b=2", "{seen}");
+}
