@@ -218,10 +218,12 @@ impl Filter {
 }
 
 fn evaluate<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>) -> Decision<'p> {
-    authz::evaluate(
+    let memo = snapshot.tokens.view(&snapshot.keys);
+    authz::evaluate_with_memo(
         &snapshot.config.policy,
         input,
         |id| snapshot.keys.current(id),
+        &memo,
         unix_now(),
     )
 }
@@ -535,6 +537,65 @@ routes:
         let replies = stream.replies.borrow();
         assert_eq!(replies[0].0, 503);
         assert!(replies[0].2.contains("keys_unavailable"));
+    }
+
+    /// A verified token is remembered: the next request with it skips parsing and the signature
+    /// (SPEC.md "Caching"), as in `audgate serve`.
+    #[test]
+    fn verified_tokens_are_cached() {
+        use aws_lc_rs::rand::SystemRandom;
+        use aws_lc_rs::rsa::KeySize;
+        use aws_lc_rs::signature::{KeyPair as _, RSA_PKCS1_SHA256, RsaKeyPair};
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let pair = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
+        let public = pair.public_key();
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "RSA", "kid": "k1", "alg": "RS256", "use": "sig",
+            "n": b64(public.modulus().big_endian_without_leading_zero()),
+            "e": b64(public.exponent().big_endian_without_leading_zero()),
+        }]});
+        let claims = serde_json::json!({
+            "iss": "https://idp.example.com/realms/corp", "sub": "alice", "aud": "orders-web",
+            "exp": unix_now() + 600, "iat": unix_now(),
+        });
+        let input = format!(
+            "{}.{}",
+            b64(br#"{"alg":"RS256","kid":"k1"}"#),
+            b64(claims.to_string().as_bytes())
+        );
+        let mut sig = vec![0u8; pair.public_modulus_len()];
+        pair.sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), input.as_bytes(), &mut sig)
+            .unwrap();
+        let token = format!("{input}.{}", b64(&sig));
+
+        let dir = tempfile_free::Dir::new();
+        let jwks_path = dir.path.join("jwks.json");
+        std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+        let config_path = dir.path.join("audgate.yaml");
+        std::fs::write(
+            &config_path,
+            CONFIG.replace("/nonexistent/jwks.json", jwks_path.to_str().unwrap()),
+        )
+        .unwrap();
+        let cfg = FilterConfig::load(config_path.to_str().unwrap(), true).unwrap_or_else(|e| panic!("{e:?}"));
+        let stream = request("/orders/1", &[("authorization", &format!("Bearer {token}"))]);
+        let mut step = Filter::new(&cfg).on_request_headers(&stream);
+        for _ in 0..200 {
+            // the background thread loads the keys
+            if !matches!(step, Step::WaitForKeys { .. }) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            step = Filter::new(&cfg).on_request_headers(&stream);
+        }
+        assert!(matches!(step, Step::Continue), "{:?}", stream.replies.borrow());
+        assert_eq!(
+            cfg.shared.current().tokens.len(),
+            1,
+            "the verified token was not remembered"
+        );
+        assert!(matches!(Filter::new(&cfg).on_request_headers(&stream), Step::Continue));
     }
 
     #[test]
