@@ -66,6 +66,15 @@ pub struct ModuleHttpHeader {
     value_length: usize,
 }
 
+/// `envoy_dynamic_module_type_module_key_value_pair`.
+#[repr(C)]
+pub struct ModuleKeyValuePair {
+    key_ptr: *const c_char,
+    key_length: usize,
+    value_ptr: *const c_char,
+    value_length: usize,
+}
+
 /// `envoy_dynamic_module_type_envoy_http_header`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -120,11 +129,12 @@ unsafe extern "C" {
         body: ModuleBuffer,
         details: ModuleBuffer,
     );
-    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+    /// Sets every entry under `ns`, resolving the namespace once (Envoy 1.40 has it).
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
         filter: EnvoyFilterPtr,
         ns: ModuleBuffer,
-        key: ModuleBuffer,
-        value: ModuleBuffer,
+        entries: *const ModuleKeyValuePair,
+        entries_length: usize,
     );
     fn envoy_dynamic_module_callback_get_most_specific_route_config(filter: EnvoyFilterPtr) -> *const c_void;
     fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: EnvoyFilterPtr);
@@ -283,14 +293,24 @@ impl Stream for EnvoyStream {
         }
     }
 
-    fn set_metadata(&self, key: &str, value: &str) {
-        // SAFETY: live filter; the buffers point into strings alive for the call.
+    fn set_metadata(&self, entries: &[(&str, &str)]) {
+        let pairs: Vec<ModuleKeyValuePair> = entries
+            .iter()
+            .map(|(k, v)| ModuleKeyValuePair {
+                key_ptr: k.as_ptr().cast(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr().cast(),
+                value_length: v.len(),
+            })
+            .collect();
+        // SAFETY: live filter; `pairs` and the strings it points into outlive the call, and
+        // Envoy copies them into the stream's metadata.
         unsafe {
-            envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_string_batch(
                 self.envoy,
                 ModuleBuffer::of(METADATA_NAMESPACE),
-                ModuleBuffer::of(key),
-                ModuleBuffer::of(value),
+                pairs.as_ptr(),
+                pairs.len(),
             );
         }
     }

@@ -32,8 +32,8 @@ pub trait Stream {
     fn remove_request_header(&self, name: &str);
     /// Answer the client with a local reply; `details` is Envoy's response code details.
     fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &str, details: &str);
-    /// A string in the `audgate` dynamic metadata namespace.
-    fn set_metadata(&self, key: &str, value: &str);
+    /// Strings in the `audgate` dynamic metadata namespace, in one go.
+    fn set_metadata(&self, entries: &[(&str, &str)]);
     /// The audgate route named by the Envoy route's per-filter config, if any.
     fn route_name(&self) -> Option<String>;
     /// Count one decision.
@@ -279,11 +279,13 @@ fn finish(snapshot: &Snapshot, input: &CheckInput<'_>, decision: &Decision<'_>, 
     let policy = &snapshot.config.policy;
     let response = authz::respond(policy, decision);
     let m = &response.metadata;
-    stream.set_metadata("route", m.route);
-    stream.set_metadata("reason", m.reason);
-    stream.set_metadata("subject", &m.subject);
-    stream.set_metadata("client_id", &m.client_id);
-    stream.set_metadata("issuer", &m.issuer);
+    stream.set_metadata(&[
+        ("route", m.route),
+        ("reason", m.reason),
+        ("subject", &m.subject),
+        ("client_id", &m.client_id),
+        ("issuer", &m.issuer),
+    ]);
     stream.count_check(decision.route_name(), decision.verdict.label(), decision.reason.code());
     if snapshot.config.log_decisions.wants(decision.verdict) {
         log_decision(snapshot, decision, input);
@@ -293,7 +295,12 @@ fn finish(snapshot: &Snapshot, input: &CheckInput<'_>, decision: &Decision<'_>, 
             for (name, value) in &response.upstream_headers {
                 stream.set_request_header(name, value);
             }
-            for name in &response.remove_headers {
+            // removing a header the request does not carry is a no-op: skip the call
+            for name in response
+                .remove_headers
+                .iter()
+                .filter(|n| input.headers.contains_key(**n))
+            {
                 stream.remove_request_header(name);
             }
             let removal = authz::token::removal(&policy.token, input);
@@ -402,8 +409,10 @@ mod tests {
                 .borrow_mut()
                 .push((status, headers, body.into(), details.into()));
         }
-        fn set_metadata(&self, key: &str, value: &str) {
-            self.metadata.borrow_mut().insert(key.into(), value.into());
+        fn set_metadata(&self, entries: &[(&str, &str)]) {
+            for (key, value) in entries {
+                self.metadata.borrow_mut().insert((*key).into(), (*value).into());
+            }
         }
         fn route_name(&self) -> Option<String> {
             self.route.clone()
@@ -478,11 +487,16 @@ routes:
     #[test]
     fn anonymous_route_passes_and_removes_spoofed_claim_headers() {
         let (_dir, cfg) = config(CONFIG);
-        let stream = request("/public/x", &[("x-auth-subject", "mallory")]);
+        let stream = request(
+            "/public/x",
+            &[("x-auth-subject", "mallory"), ("x_auth_subject", "mallory")],
+        );
         let mut filter = Filter::new(&cfg);
         assert!(matches!(filter.on_request_headers(&stream), Step::Continue));
         assert!(stream.removed.borrow().contains(&"x-auth-subject".to_owned()));
         assert!(stream.removed.borrow().contains(&"x_auth_subject".to_owned()));
+        // headers the request does not carry are not asked to be removed
+        assert_eq!(stream.removed.borrow().len(), 2, "{:?}", stream.removed.borrow());
         assert_eq!(stream.metadata.borrow()["route"], "public");
         assert_eq!(stream.metadata.borrow()["reason"], "anonymous");
         assert_eq!(
