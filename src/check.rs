@@ -45,6 +45,12 @@ impl Snapshot {
     }
 }
 
+/// The longest a check waits for its issuer's keys to be refetched; then it is decided with the
+/// keys at hand (`unknown_kid`, or `keys_unavailable`). The refetch is the only await of a
+/// check, so only a check that refetches arms a timer: the cached path never touches the timer
+/// wheel. Envoy's own ext_authz timeout is usually far shorter.
+pub const REFETCH_WAIT: Duration = Duration::from_secs(10);
+
 /// Unix seconds now; the only clock read on the request path.
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -61,7 +67,8 @@ pub async fn check<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>) -> Decisi
     let mut decision = authz::evaluate_with_memo(policy, input, keys, &memo, unix_now());
     if let (Reason::UnknownKid | Reason::KeysUnavailable, Some(id)) = (decision.reason, decision.issuer) {
         let issuer = snapshot.keys.issuer(id);
-        if issuer.refetch_for_unknown_kid(issuer.generation()).await {
+        let refetch = tokio::time::timeout(REFETCH_WAIT, issuer.refetch_for_unknown_kid(issuer.generation()));
+        if refetch.await.unwrap_or(false) {
             decision = authz::evaluate_with_memo(policy, input, keys, &memo, unix_now());
         }
     }
