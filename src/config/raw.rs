@@ -23,6 +23,26 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin: RawAdmin,
     pub token_cache: Option<RawTokenCache>,
+    pub tracing: Option<S<RawTracing>>,
+}
+
+/// `tracing:` OpenTelemetry spans over OTLP/gRPC.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp_endpoint: Option<S<String>>,
+    pub sample_ratio: Option<S<f64>>,
+    pub service_name: Option<S<String>>,
+}
+
+/// `listen.tls`: TLS (and mTLS) on the gRPC and HTTP listeners.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: S<String>,
+    pub key_file: S<String>,
+    pub client_ca_file: Option<S<String>>,
+    pub client_sans: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +72,7 @@ pub struct RawListen {
     pub grpc: Option<S<String>>,
     pub http: Option<S<String>>,
     pub admin: Option<S<String>>,
+    pub tls: Option<S<RawTls>>,
 }
 
 #[derive(Debug, Deserialize)]
