@@ -426,7 +426,7 @@ async fn without_a_tracing_section_there_is_no_trace_id_and_no_span_metric() {
     .await;
     assert_eq!(reply.status, 401);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !audgate.logs().contains("reason=missing_token") {
+    while !audgate.logs().contains("reason=\"missing_token\"") {
         assert!(Instant::now() < deadline, "{}", audgate.logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
