@@ -104,7 +104,12 @@ pub async fn check_traced<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>, ca
         let issuer = decision
             .issuer
             .map_or("", |i| snapshot.config.policy.issuers[i].name.as_str());
-        span.end(decision.route_name(), decision.verdict.label(), decision.reason.code(), issuer);
+        span.end(
+            decision.route_name(),
+            decision.verdict.label(),
+            decision.reason.code(),
+            issuer,
+        );
     }
     decision
 }

@@ -105,10 +105,9 @@ impl Telemetry {
         } else {
             self.propagator.extract(headers)
         };
-        let span = self.tracer.build_with_context(
-            self.tracer.span_builder("check").with_kind(SpanKind::Server),
-            &parent,
-        );
+        let span = self
+            .tracer
+            .build_with_context(self.tracer.span_builder("check").with_kind(SpanKind::Server), &parent);
         CheckSpan {
             cx: parent.with_span(span),
         }

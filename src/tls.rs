@@ -40,7 +40,9 @@ pub struct Tls {
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tls").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("Tls")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 
@@ -123,12 +125,11 @@ pub async fn watch(tls: Arc<Tls>, mut stop: watch::Receiver<bool>) {
                     "TLS certificate reloaded: new connections use it"
                 );
             }
-            Some(Err(e)) => {
-                if failing.as_deref() != Some(e.as_str()) {
-                    tracing::error!("listen.tls: {e}; the certificate in use stays in use");
-                    failing = Some(e);
-                }
+            Some(Err(e)) if failing.as_deref() != Some(e.as_str()) => {
+                tracing::error!("listen.tls: {e}; the certificate in use stays in use");
+                failing = Some(e);
             }
+            Some(Err(_)) => {} // said already
         }
     }
 }
@@ -215,9 +216,12 @@ fn client_verifier(
 ) -> Result<Arc<dyn ClientCertVerifier>, String> {
     let mut roots = RootCertStore::empty();
     for cert in certificates(pem, path, "client_ca_file")? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("listen.tls.client_ca_file {}: not a usable CA certificate: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| {
+            format!(
+                "listen.tls.client_ca_file {}: not a usable CA certificate: {e}",
+                path.display()
+            )
+        })?;
     }
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
         .build()

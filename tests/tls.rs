@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Audgate, AudgateOptions, EchoServer, Envoy, EnvoyPorts, IssuerServer, TestKey, free_port, keycloak_claims};
+use common::{
+    Audgate, AudgateOptions, EchoServer, Envoy, EnvoyPorts, IssuerServer, TestKey, free_port, keycloak_claims,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType,
@@ -190,7 +192,11 @@ async fn envoy_over_tls(pki: &Pki, client: Option<&str>, audgate: &Audgate, echo
     };
     let rendered = common::render_envoy_config(&ports);
     let cluster = "  - name: audgate\n    type: STATIC\n    connect_timeout: 1s\n";
-    assert_eq!(rendered.matches(cluster).count(), 1, "the template's audgate cluster changed");
+    assert_eq!(
+        rendered.matches(cluster).count(),
+        1,
+        "the template's audgate cluster changed"
+    );
     let rendered = rendered.replace(cluster, &format!("{cluster}{}", upstream_tls(pki, client)));
     Envoy::start_rendered(ports, &rendered).await
 }
@@ -338,10 +344,18 @@ async fn checks_pass_over_mtls_through_envoy_and_a_rotation_drops_none() {
     std::fs::write(run.pki.path("tls.crt"), "not a certificate\n").expect("write");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !run.audgate.logs().contains("the certificate in use stays in use") {
-        assert!(Instant::now() < deadline, "no error for the broken file\n{}", run.audgate.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no error for the broken file\n{}",
+            run.audgate.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(run.presented_certificate().await, third, "a broken file replaced the certificate");
+    assert_eq!(
+        run.presented_certificate().await,
+        third,
+        "a broken file replaced the certificate"
+    );
     let reply = run.get(&run.envoy, "/app/x", Some(&run.token)).await;
     assert_eq!(reply.status, 200, "{reply}\n{}", run.logs());
 
@@ -370,7 +384,10 @@ async fn checks_pass_over_mtls_through_envoy_and_a_rotation_drops_none() {
     assert!(logs.matches("TLS certificate reloaded").count() >= 3, "{logs}");
     // Envoy's own view: no upstream connection to audgate failed.
     let stats = common::send(&run.client, "GET", &format!("{}/stats", run.envoy.admin_url()), &[]).await;
-    for stat in ["cluster.audgate.upstream_cx_connect_fail", "cluster.audgate.ssl.connection_error"] {
+    for stat in [
+        "cluster.audgate.upstream_cx_connect_fail",
+        "cluster.audgate.ssl.connection_error",
+    ] {
         let value = stats
             .body
             .lines()
@@ -406,7 +423,10 @@ async fn clients_without_a_certificate_or_with_a_san_off_the_list_are_refused() 
         &[],
     )
     .await;
-    assert!(plain.is_err() || plain.as_ref().is_ok_and(|r| r.status != 200 && r.status != 401), "{plain:?}");
+    assert!(
+        plain.is_err() || plain.as_ref().is_ok_and(|r| r.status != 200 && r.status != 401),
+        "{plain:?}"
+    );
 
     // The gRPC listener behind Envoy: Envoy with the wrong SAN, or with no certificate, cannot
     // reach audgate, and fails closed.
@@ -414,7 +434,13 @@ async fn clients_without_a_certificate_or_with_a_san_off_the_list_are_refused() 
     for (client, what) in [(Some("other"), "a SAN off the list"), (None, "no client certificate")] {
         let envoy = envoy_over_tls(&run.pki, client, &run.audgate, &echo).await;
         let reply = run.get(&envoy, "/app/x", Some(&run.token)).await;
-        assert_eq!(reply.status, 503, "{what}: {reply}\n{}\n{}", run.audgate.logs(), envoy.logs());
+        assert_eq!(
+            reply.status,
+            503,
+            "{what}: {reply}\n{}\n{}",
+            run.audgate.logs(),
+            envoy.logs()
+        );
     }
     let logs = run.audgate.logs();
     assert!(
@@ -450,7 +476,10 @@ fn serve_once(dir: &Path, cert: &Path, key: &Path) -> (Option<i32>, String) {
         .stdin(std::process::Stdio::null())
         .output()
         .expect("run audgate");
-    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -537,18 +566,33 @@ async fn deploy_envoy_tls_runs_against_audgate_over_mtls() {
         ),
         (
             "socket_address: { address: audgate, port_value: 9191 }".to_owned(),
-            format!("socket_address: {{ address: 127.0.0.1, port_value: {} }}", audgate.ports.grpc),
+            format!(
+                "socket_address: {{ address: 127.0.0.1, port_value: {} }}",
+                audgate.ports.grpc
+            ),
         ),
         (
             "socket_address: { address: app, port_value: 8080 }".to_owned(),
-            format!("socket_address: {{ address: 127.0.0.1, port_value: {} }}", ports.upstream),
+            format!(
+                "socket_address: {{ address: 127.0.0.1, port_value: {} }}",
+                ports.upstream
+            ),
         ),
-        ("/etc/envoy/tls/tls.crt".to_owned(), pki.path("envoy.crt").display().to_string()),
-        ("/etc/envoy/tls/tls.key".to_owned(), pki.path("envoy.key").display().to_string()),
+        (
+            "/etc/envoy/tls/tls.crt".to_owned(),
+            pki.path("envoy.crt").display().to_string(),
+        ),
+        (
+            "/etc/envoy/tls/tls.key".to_owned(),
+            pki.path("envoy.key").display().to_string(),
+        ),
         ("/etc/envoy/tls/ca.crt".to_owned(), pki.ca_file().display().to_string()),
         ("audgate.audgate.svc.cluster.local".to_owned(), SERVER_NAME.to_owned()),
     ] {
-        assert!(rendered.contains(&from), "{file}: expected `{from}` (the test adapts the file by it)");
+        assert!(
+            rendered.contains(&from),
+            "{file}: expected `{from}` (the test adapts the file by it)"
+        );
         rendered = rendered.replace(&from, &to);
     }
     let path = pki.path("envoy-tls.yaml");
@@ -580,7 +624,13 @@ async fn deploy_envoy_tls_runs_against_audgate_over_mtls() {
     // ... and a check over it decides.
     let token = key.mint(keycloak_claims(&issuer.issuer_url(), "my-app"));
     let auth = common::bearer(&token);
-    let reply = common::send(&client, "GET", &format!("{}/app/1", envoy.url()), &[("authorization", &auth)]).await;
+    let reply = common::send(
+        &client,
+        "GET",
+        &format!("{}/app/1", envoy.url()),
+        &[("authorization", &auth)],
+    )
+    .await;
     assert_eq!(reply.status, 200, "{reply}\n{}\n{}", audgate.logs(), envoy.logs());
     let reply = common::send(&client, "GET", &format!("{}/app/1", envoy.url()), &[]).await;
     assert_eq!(reply.status, 401, "{reply}");

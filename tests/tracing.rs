@@ -21,8 +21,8 @@ use common::{Audgate, CheckCall, EchoServer, Envoy, EnvoyPorts, IssuerServer, Te
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 
 const AUDGATE_SERVICE: &str = "audgate-under-test";
 const ENVOY_SERVICE: &str = "envoy-under-test";
@@ -179,7 +179,9 @@ async fn envoy_with_tracer(audgate: &Audgate, echo: &EchoServer, otlp: SocketAdd
     );
     let mut rendered = rendered.replace(anchor, &tracing);
     assert!(
-        rendered.trim_end().ends_with(&format!("port_value: {} }}", echo.port())),
+        rendered
+            .trim_end()
+            .ends_with(&format!("port_value: {} }}", echo.port())),
         "the template no longer ends with the clusters: the otlp cluster is appended there"
     );
     rendered.push_str(&format!(
@@ -225,7 +227,13 @@ async fn the_check_span_is_a_child_of_envoys_span_and_a_jwks_refetch_of_the_chec
 
     let token = first.mint(keycloak_claims(&issuer.issuer_url(), "my-app"));
     let auth = common::bearer(&token);
-    let reply = common::send(&client, "GET", &format!("{}/app/one", envoy.url()), &[("authorization", &auth)]).await;
+    let reply = common::send(
+        &client,
+        "GET",
+        &format!("{}/app/one", envoy.url()),
+        &[("authorization", &auth)],
+    )
+    .await;
     assert_eq!(reply.status, 200, "{reply}\n{}", logs());
 
     let (check, parent) = receiver
@@ -259,7 +267,11 @@ async fn the_check_span_is_a_child_of_envoys_span_and_a_jwks_refetch_of_the_chec
     while !audgate.logs().contains(&format!("trace_id={}", check.trace_id))
         && !audgate.logs().contains(&format!("trace_id=\"{}\"", check.trace_id))
     {
-        assert!(Instant::now() < deadline, "no trace id in the decision log\n{}", audgate.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no trace id in the decision log\n{}",
+            audgate.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -269,7 +281,13 @@ async fn the_check_span_is_a_child_of_envoys_span_and_a_jwks_refetch_of_the_chec
     issuer.set_keys(&[&first, &second]);
     let token = second.mint(keycloak_claims(&issuer.issuer_url(), "my-app"));
     let auth = common::bearer(&token);
-    let reply = common::send(&client, "GET", &format!("{}/app/two", envoy.url()), &[("authorization", &auth)]).await;
+    let reply = common::send(
+        &client,
+        "GET",
+        &format!("{}/app/two", envoy.url()),
+        &[("authorization", &auth)],
+    )
+    .await;
     assert_eq!(reply.status, 200, "{reply}\n{}", logs());
     let (check, fetch) = receiver
         .wait_for(
@@ -332,7 +350,8 @@ async fn the_parent_comes_from_metadata_then_request_headers_and_sampling_follow
 
     // 2. Without metadata: the CheckRequest's headers.
     let (only_trace, only_span) = ("33333333333333333333333333333333", "3333333333333333");
-    let call = CheckCall::get("app.example.com", "/app/headers").header("traceparent", &traceparent(only_trace, only_span, true));
+    let call = CheckCall::get("app.example.com", "/app/headers")
+        .header("traceparent", &traceparent(only_trace, only_span, true));
     grpc.check(tonic::Request::new(call.to_request())).await.expect("check");
 
     // 3. The HTTP endpoint: its request headers.
@@ -355,7 +374,8 @@ async fn the_parent_comes_from_metadata_then_request_headers_and_sampling_follow
     grpc.check(tonic::Request::new(call.to_request())).await.expect("check");
     // 5. A sampled parent after them, so their absence below is not just a slow exporter.
     let (last_trace, last_span) = ("66666666666666666666666666666666", "6666666666666666");
-    let call = CheckCall::get("app.example.com", "/app/last").header("traceparent", &traceparent(last_trace, last_span, true));
+    let call =
+        CheckCall::get("app.example.com", "/app/last").header("traceparent", &traceparent(last_trace, last_span, true));
     grpc.check(tonic::Request::new(call.to_request())).await.expect("check");
 
     for (trace, parent, reason) in [
@@ -376,9 +396,19 @@ async fn the_parent_comes_from_metadata_then_request_headers_and_sampling_follow
     }
     // the export task keeps the queue's order: everything before `last` has been sent
     let spans = receiver.spans();
-    assert!(!spans.iter().any(|s| s.trace_id == hdr_trace), "headers beat metadata: {spans:#?}");
-    assert!(!spans.iter().any(|s| s.trace_id == unsampled_trace), "an unsampled parent was traced at ratio 0");
-    assert_eq!(spans.len(), 4, "a check without a parent was traced at ratio 0: {spans:#?}");
+    assert!(
+        !spans.iter().any(|s| s.trace_id == hdr_trace),
+        "headers beat metadata: {spans:#?}"
+    );
+    assert!(
+        !spans.iter().any(|s| s.trace_id == unsampled_trace),
+        "an unsampled parent was traced at ratio 0"
+    );
+    assert_eq!(
+        spans.len(),
+        4,
+        "a check without a parent was traced at ratio 0: {spans:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -396,7 +426,10 @@ async fn a_receiver_that_is_down_delays_no_check_and_its_spans_are_counted() {
         assert_eq!(reply.status, 401, "{reply}");
     }
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_secs(5), "50 checks took {elapsed:?} with the receiver down");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "50 checks took {elapsed:?} with the receiver down"
+    );
     audgate
         .wait_metric(
             "audgate_trace_spans_dropped_total",
@@ -406,7 +439,10 @@ async fn a_receiver_that_is_down_delays_no_check_and_its_spans_are_counted() {
         )
         .await;
     let metrics = audgate.metrics().await;
-    assert_eq!(metrics.get("audgate_trace_spans_dropped_total", &[("reason", "queue_full")]), Some(0.0));
+    assert_eq!(
+        metrics.get("audgate_trace_spans_dropped_total", &[("reason", "queue_full")]),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -414,14 +450,20 @@ async fn without_a_tracing_section_there_is_no_trace_id_and_no_span_metric() {
     let key = TestKey::rsa("trace-5");
     let issuer = IssuerServer::start(&[&key]).await;
     let body = config(&issuer.issuer_url(), SocketAddr::from(([127, 0, 0, 1], 9)), 1.0);
-    let body = body.split_once("issuers:").map(|(_, rest)| format!("issuers:{rest}")).unwrap();
+    let body = body
+        .split_once("issuers:")
+        .map(|(_, rest)| format!("issuers:{rest}"))
+        .unwrap();
     let audgate = Audgate::start(&body).await;
     audgate.wait_ready().await;
     let reply = common::send(
         &common::http_client(),
         "GET",
         &format!("{}/app/x", audgate.http_url()),
-        &[("traceparent", &traceparent("77777777777777777777777777777777", "7777777777777777", true))],
+        &[(
+            "traceparent",
+            &traceparent("77777777777777777777777777777777", "7777777777777777", true),
+        )],
     )
     .await;
     assert_eq!(reply.status, 401);
@@ -431,5 +473,11 @@ async fn without_a_tracing_section_there_is_no_trace_id_and_no_span_metric() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!audgate.logs().contains("trace_id"), "{}", audgate.logs());
-    assert!(audgate.metrics().await.series("audgate_trace_spans_dropped_total").is_empty());
+    assert!(
+        audgate
+            .metrics()
+            .await
+            .series("audgate_trace_spans_dropped_total")
+            .is_empty()
+    );
 }

@@ -171,7 +171,10 @@ fn tls(raw: &S<raw::RawTls>, d: &mut Diagnostics) -> super::TlsConfig {
         }
         for san in &sans.value {
             if san.value.trim().is_empty() || san.value.chars().any(char::is_whitespace) {
-                d.error(san, format!("listen.tls.client_sans: `{}` is not a URI or DNS name", san.value));
+                d.error(
+                    san,
+                    format!("listen.tls.client_sans: `{}` is not a URI or DNS name", san.value),
+                );
             }
             client_sans.push(san.value.clone());
         }
