@@ -334,7 +334,11 @@ impl ClientCertVerifier for SanAllowList {
 
 /// The files named in `settings`, for messages.
 pub fn describe(settings: &TlsConfig) -> String {
-    let mut parts: Vec<String> = vec![settings.cert_file.display().to_string()];
+    let mut parts: Vec<String> = vec![format!(
+        "certificate {}, key {}",
+        settings.cert_file.display(),
+        settings.key_file.display()
+    )];
     if let Some(ca) = &settings.client_ca_file {
         parts.push(format!("client CA {}", ca.display()));
     }

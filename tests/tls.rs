@@ -507,6 +507,63 @@ fn bad_certificate_files_stop_audgate_at_start_with_the_file_named() {
 }
 
 #[test]
+fn check_config_summarises_tls_and_tracing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("audgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen:\n  tls:\n    cert_file: /x/tls.crt\n    key_file: /x/tls.key\n    client_ca_file: /x/ca.crt\n    client_sans: [\"{ENVOY_ID}\", envoy.example.com]\ntracing:\n  otlp_endpoint: http://otel:4317\n  sample_ratio: 0.5\n{}",
+            config_text()
+        ),
+    )
+    .expect("write");
+    let output = std::process::Command::new(common::audgate_binary())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run audgate");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "tls on grpc and http: certificate /x/tls.crt, key /x/tls.key; client CA /x/ca.crt; client SANs {ENVOY_ID}, envoy.example.com"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("tracing: OTLP to http://otel:4317 as audgate; sample ratio 0.5 without a sampled parent"),
+        "{stdout}"
+    );
+    // and what a tracing section may not say
+    for (bad, expected) in [
+        (
+            "  sample_ratio: 1.5\n",
+            "tracing.sample_ratio: 1.5 is not between 0 and 1",
+        ),
+        (
+            "  otlp_endpoint: https://otel:4317\n",
+            "tracing.otlp_endpoint: `https://otel:4317`",
+        ),
+        ("  otlp_endpoint: otel:4317\n", "is not an OTLP/gRPC address"),
+    ] {
+        std::fs::write(&config, format!("tracing:\n{bad}{}", config_text())).expect("write");
+        let output = std::process::Command::new(common::audgate_binary())
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run audgate");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{bad}: {stderr}");
+        assert!(stderr.contains(":2:") && stderr.contains(expected), "{bad}: {stderr}");
+    }
+}
+
+#[test]
 fn check_config_explains_tls_settings_errors() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("audgate.yaml");
