@@ -198,6 +198,14 @@ async fn envoy_over_tls(pki: &Pki, client: Option<&str>, audgate: &Audgate, echo
         "the template's audgate cluster changed"
     );
     let rendered = rendered.replace(cluster, &format!("{cluster}{}", upstream_tls(pki, client)));
+    // A new connection (so a new handshake) every 25 checks: rotations happen under
+    // handshakes, not only under one long-lived HTTP/2 connection.
+    let options = "        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n";
+    assert_eq!(rendered.matches(options).count(), 1, "the template's audgate protocol options changed");
+    let rendered = rendered.replace(
+        options,
+        &format!("{options}        common_http_protocol_options: {{ max_requests_per_connection: 25 }}\n"),
+    );
     Envoy::start_rendered(ports, &rendered).await
 }
 
@@ -382,8 +390,16 @@ async fn checks_pass_over_mtls_through_envoy_and_a_rotation_drops_none() {
     );
     let logs = run.audgate.logs();
     assert!(logs.matches("TLS certificate reloaded").count() >= 3, "{logs}");
-    // Envoy's own view: no upstream connection to audgate failed.
+    // Envoy's own view: it kept opening connections (handshakes with each certificate), and
+    // none of them failed.
     let stats = common::send(&run.client, "GET", &format!("{}/stats", run.envoy.admin_url()), &[]).await;
+    let connections: u64 = stats
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("cluster.audgate.upstream_cx_total: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(connections >= 4, "Envoy opened only {connections} connections to audgate");
     for stat in [
         "cluster.audgate.upstream_cx_connect_fail",
         "cluster.audgate.ssl.connection_error",
