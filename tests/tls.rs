@@ -201,7 +201,11 @@ async fn envoy_over_tls(pki: &Pki, client: Option<&str>, audgate: &Audgate, echo
     // A new connection (so a new handshake) every 25 checks: rotations happen under
     // handshakes, not only under one long-lived HTTP/2 connection.
     let options = "        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n";
-    assert_eq!(rendered.matches(options).count(), 1, "the template's audgate protocol options changed");
+    assert_eq!(
+        rendered.matches(options).count(),
+        1,
+        "the template's audgate protocol options changed"
+    );
     let rendered = rendered.replace(
         options,
         &format!("{options}        common_http_protocol_options: {{ max_requests_per_connection: 25 }}\n"),
@@ -399,7 +403,10 @@ async fn checks_pass_over_mtls_through_envoy_and_a_rotation_drops_none() {
         .find_map(|l| l.strip_prefix("cluster.audgate.upstream_cx_total: "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    assert!(connections >= 4, "Envoy opened only {connections} connections to audgate");
+    assert!(
+        connections >= 4,
+        "Envoy opened only {connections} connections to audgate"
+    );
     for stat in [
         "cluster.audgate.upstream_cx_connect_fail",
         "cluster.audgate.ssl.connection_error",
@@ -707,4 +714,66 @@ async fn deploy_envoy_tls_runs_against_audgate_over_mtls() {
     assert_eq!(reply.status, 200, "{reply}\n{}\n{}", audgate.logs(), envoy.logs());
     let reply = common::send(&client, "GET", &format!("{}/app/1", envoy.url()), &[]).await;
     assert_eq!(reply.status, 401, "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_connection_on_a_tls_listener_is_closed_within_the_first_request_limit() {
+    use tokio::io::AsyncReadExt;
+
+    let key = TestKey::rsa("tls-silent");
+    let pki = Pki::new();
+    pki.server();
+    let issuer = IssuerServer::start(&[&key]).await;
+    let audgate = Audgate::start_with(
+        &config(&issuer.issuer_url()),
+        AudgateOptions::new().listen_extra(&pki.listen_tls(false)),
+    )
+    .await;
+    audgate.wait_ready().await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], audgate.ports.grpc));
+
+    // no ClientHello at all
+    let silent = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await;
+        started.elapsed()
+    });
+    // a completed handshake, then no request
+    let ca = std::fs::read(pki.ca_file()).expect("ca");
+    let handshaken = tokio::spawn(async move {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&ca) {
+            roots.add(cert.expect("CA PEM")).expect("CA");
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let started = Instant::now();
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).expect("name");
+        let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .expect("a client without a certificate is fine without client_ca_file");
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await;
+        (started.elapsed(), read.map(|r| r.map(|n| n == 0).unwrap_or(true)))
+    });
+    let silent = silent.await.expect("task");
+    let (handshaken, closed) = handshaken.await.expect("task");
+    for (what, elapsed) in [
+        ("no ClientHello", silent),
+        ("no request after the handshake", handshaken),
+    ] {
+        assert!(
+            (Duration::from_secs(9)..Duration::from_secs(13)).contains(&elapsed),
+            "{what}: closed after {elapsed:?}, not at the 10 s first-request limit\n{}",
+            audgate.logs()
+        );
+    }
+    assert_eq!(closed, Ok(true), "the handshaken connection was not closed");
 }
