@@ -10,6 +10,7 @@ use tonic::{Request, Response as GrpcResponse, Status};
 use crate::app::State;
 use crate::authz;
 use crate::check;
+use crate::telemetry;
 
 /// The route a per-route `check_settings.context_extensions` entry selects.
 pub const ROUTE_CONTEXT_KEY: &str = "audgate.route";
@@ -27,12 +28,20 @@ impl AuthorizationService {
 #[tonic::async_trait]
 impl Authorization for AuthorizationService {
     async fn check(&self, request: Request<CheckRequest>) -> Result<GrpcResponse<CheckResponse>, Status> {
-        let request = request.into_inner();
+        let (metadata, _, request) = request.into_parts();
         let snapshot = self.state.snapshot();
         let empty = Default::default();
         let input = convert::input(&request, &empty);
-        // nothing here waits but a key refetch, which check::check bounds (REFETCH_WAIT)
-        let decision = check::check(&snapshot, &input).await;
+        // Envoy's ext_authz client span travels in the call's metadata
+        let call = match snapshot.telemetry {
+            Some(_) => telemetry::Carrier {
+                traceparent: metadata.get("traceparent").and_then(|v| v.to_str().ok()),
+                tracestate: metadata.get("tracestate").and_then(|v| v.to_str().ok()),
+            },
+            None => telemetry::Carrier::default(),
+        };
+        // nothing here waits but a key refetch, which check::check_traced bounds (REFETCH_WAIT)
+        let decision = check::check_traced(&snapshot, &input, call).await;
         let policy = &snapshot.config.policy;
         let response = authz::respond(policy, &decision);
         let removal = match decision.verdict {

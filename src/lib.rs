@@ -21,6 +21,10 @@
 //! - [`metrics`]: SPEC.md's metrics as domain functions; labels come only from the config.
 //! - [`logging`]: log lines to stderr, through a batching writer thread for `serve`.
 //! - [`reload`]: config reloads on a directory watch, SIGHUP and a periodic check.
+//! - [`tls`]: TLS and mTLS for the gRPC and HTTP listeners (`listen.tls`), with the
+//!   certificate re-read when its files change and the client SAN allow-list.
+//! - [`telemetry`]: OpenTelemetry spans (`tracing:`): a span per check, its parent from
+//!   Envoy's `traceparent`, exported over OTLP/gRPC off the check path.
 //! - [`serve`]: the accept loop of the three listeners, with connection, handshake, header
 //!   and keep-alive limits.
 //! - [`app`]: wiring for `audgate serve`: shared state, listeners, gRPC health, shutdown.
@@ -50,4 +54,6 @@ pub mod policy_test;
 pub mod reload;
 pub mod serve;
 pub mod summary;
+pub mod telemetry;
+pub mod tls;
 pub mod token_cache;

@@ -17,6 +17,16 @@ pub fn render(path: &Path, loaded: &Loaded) -> String {
         "listen: grpc {}, http {}, admin {}",
         c.listen.grpc, c.listen.http, c.listen.admin
     );
+    if let Some(tls) = &c.listen.tls {
+        let _ = writeln!(out, "tls on grpc and http: {}", crate::tls::describe(tls));
+    }
+    if let Some(t) = &c.tracing {
+        let _ = writeln!(
+            out,
+            "tracing: OTLP to {} as {}; sample ratio {} without a sampled parent",
+            t.otlp_endpoint, t.service_name, t.sample_ratio
+        );
+    }
     let _ = writeln!(out, "\nissuers ({}):", p.issuers.len());
     for (issuer, source) in p.issuers.iter().zip(&c.key_sources) {
         let algs: Vec<&str> = issuer.algorithms.iter().map(|a| a.name()).collect();

@@ -58,6 +58,10 @@ const DEPLOY_FILES: &[(&str, &str)] = &[
         "envoy --mode validate (e2e_envoy.rs); run against audgate with the base config, health checks",
     ),
     (
+        "deploy/envoy/envoy-tls.yaml",
+        "envoy --mode validate and run against audgate over mTLS, health checks (tls.rs)",
+    ),
+    (
         "deploy/envoy/envoy-http-service.yaml",
         "envoy --mode validate (e2e_envoy.rs); run against audgate's HTTP endpoint with the base config",
     ),

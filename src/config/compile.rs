@@ -81,6 +81,7 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
         Some(raw::DecisionsKeyword::Off) => super::LogDecisions::Off,
     };
     let http_endpoint = http_endpoint(raw.http_endpoint.as_ref(), &mut d);
+    let tracing = raw.tracing.as_ref().map(|t| tracing(t, &mut d));
     if !d.errors.is_empty() {
         return Err(d.errors);
     }
@@ -108,6 +109,7 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
             }
         }),
         hash: hash_text(text),
+        tracing,
     };
     Ok((config, d.warnings))
 }
@@ -172,7 +174,81 @@ fn listen(raw: &raw::RawListen, d: &mut Diagnostics) -> Listen {
             }
         }
     }
+    listen.tls = raw.tls.as_ref().map(|t| tls(t, d));
     listen
+}
+
+fn tls(raw: &S<raw::RawTls>, d: &mut Diagnostics) -> super::TlsConfig {
+    let t = &raw.value;
+    let mut path = |v: &S<String>, name: &str| {
+        if v.value.trim().is_empty() {
+            d.error(v, format!("listen.tls.{name} is empty"));
+        }
+        PathBuf::from(&v.value)
+    };
+    let cert_file = path(&t.cert_file, "cert_file");
+    let key_file = path(&t.key_file, "key_file");
+    let client_ca_file = t.client_ca_file.as_ref().map(|v| path(v, "client_ca_file"));
+    let mut client_sans = Vec::new();
+    if let Some(sans) = &t.client_sans {
+        if client_ca_file.is_none() && !sans.value.is_empty() {
+            d.error(
+                sans,
+                "listen.tls.client_sans needs listen.tls.client_ca_file: without a client CA no client certificate is asked for",
+            );
+        }
+        for san in &sans.value {
+            if san.value.trim().is_empty() || san.value.chars().any(char::is_whitespace) {
+                d.error(
+                    san,
+                    format!("listen.tls.client_sans: `{}` is not a URI or DNS name", san.value),
+                );
+            }
+            client_sans.push(san.value.clone());
+        }
+    }
+    super::TlsConfig {
+        cert_file,
+        key_file,
+        client_ca_file,
+        client_sans,
+    }
+}
+
+fn tracing(raw: &S<raw::RawTracing>, d: &mut Diagnostics) -> super::TracingConfig {
+    use super::TracingConfig as T;
+    let t = &raw.value;
+    let otlp_endpoint = t.otlp_endpoint.as_ref().map_or(T::DEFAULT_ENDPOINT.to_owned(), |e| {
+        let value = e.value.trim_end_matches('/');
+        let rest = value.strip_prefix("http://");
+        if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
+            d.error(
+                e,
+                format!(
+                    "tracing.otlp_endpoint: `{}` is not an OTLP/gRPC address like http://otel-collector:4317 (plain http://: send to a collector on the node or in the pod for TLS)",
+                    e.value
+                ),
+            );
+        }
+        value.to_owned()
+    });
+    let sample_ratio = t.sample_ratio.as_ref().map_or(T::DEFAULT_SAMPLE_RATIO, |r| {
+        if !(0.0..=1.0).contains(&r.value) {
+            d.error(r, format!("tracing.sample_ratio: {} is not between 0 and 1", r.value));
+        }
+        r.value
+    });
+    let service_name = t.service_name.as_ref().map_or(T::DEFAULT_SERVICE_NAME.to_owned(), |s| {
+        if s.value.trim().is_empty() {
+            d.error(s, "tracing.service_name is empty");
+        }
+        s.value.clone()
+    });
+    T {
+        otlp_endpoint,
+        sample_ratio,
+        service_name,
+    }
 }
 
 /// `30s`, `5m`, `1h 30m` (humantime) or plain seconds.

@@ -826,6 +826,8 @@ pub struct AudgateOptions {
     pub layout: ConfigLayout,
     /// Run audgate under `prlimit --nofile=N:N` (soft and hard open-files limit).
     pub open_files: Option<u64>,
+    /// Lines added to the `listen` section (indented by two spaces there), e.g. `tls:`.
+    pub listen_extra: String,
 }
 
 impl AudgateOptions {
@@ -861,6 +863,17 @@ impl AudgateOptions {
         self.open_files = Some(limit);
         self
     }
+
+    /// Adds `yaml` (keys of `listen`, written without indentation) to the `listen` section,
+    /// e.g. `tls: {cert_file: ..., key_file: ...}`.
+    pub fn listen_extra(mut self, yaml: &str) -> Self {
+        for line in yaml.lines() {
+            self.listen_extra.push_str("  ");
+            self.listen_extra.push_str(line);
+            self.listen_extra.push('\n');
+        }
+        self
+    }
 }
 
 /// A running `audgate serve --config <file>` (the real binary), killed on drop.
@@ -876,6 +889,8 @@ pub struct Audgate {
     config_dir: PathBuf,
     /// Counts config replacements (names for temp files and ConfigMap generations).
     updates: AtomicU32,
+    /// [`AudgateOptions::listen_extra`], kept for [`Audgate::config_text`].
+    listen_extra: String,
     client: reqwest::Client,
     dir: TempDir,
 }
@@ -902,7 +917,7 @@ impl Audgate {
             http: free_port(),
             admin: free_port(),
         };
-        let config = listen_section(&ports) + config_body;
+        let config = listen_section(&ports) + &options.listen_extra + "\n" + config_body;
         let dir = tempfile::Builder::new()
             .prefix("audgate-test-")
             .tempdir()
@@ -992,6 +1007,7 @@ impl Audgate {
             layout: options.layout,
             config_dir,
             updates: AtomicU32::new(0),
+            listen_extra: options.listen_extra.clone(),
             client: http_client(),
             dir,
         }
@@ -1073,7 +1089,7 @@ impl Audgate {
     /// The full config text for `body`: the `listen` section this instance was started with,
     /// then `body`. What [`Audgate::replace_config`] writes.
     pub fn config_text(&self, body: &str) -> String {
-        listen_section(&self.ports) + body
+        listen_section(&self.ports) + &self.listen_extra + "\n" + body
     }
 
     /// Replaces the config with `body` (the `listen` section is added, as at start) the way
@@ -1208,7 +1224,7 @@ impl Audgate {
 /// The `listen` section [`Audgate`] puts in front of every config body.
 fn listen_section(ports: &AudgatePorts) -> String {
     format!(
-        "listen:\n  grpc: 127.0.0.1:{}\n  http: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n\n",
+        "listen:\n  grpc: 127.0.0.1:{}\n  http: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n",
         ports.grpc, ports.http, ports.admin
     )
 }
