@@ -687,7 +687,15 @@ async fn seed_case_the_printed_kcadm_command_makes_the_next_token_pass() {
         "the mapper put orders-api in aud: {claims}"
     );
     let reply = gate.get("/api/orders/7", &token).await;
-    eprintln!("--- the next token: aud {} ---\n{reply}", claims["aud"]);
+    eprintln!(
+        "--- the next token: aud {} ---\nHTTP {}, the upstream saw x-auth-client-id: {}",
+        claims["aud"],
+        reply.status,
+        reply
+            .try_json()
+            .and_then(|_| reply.upstream("x-auth-client-id"))
+            .unwrap_or_default()
+    );
     assert_upstream(
         &reply,
         &[

@@ -314,14 +314,14 @@ fn yaml_str(s: &str) -> String {
 fn insufficient_scope(route: Option<&Route>, claims: Option<&Claims>) -> Vec<String> {
     let Some(route) = route else { return Vec::new() };
     let mut out = Vec::new();
-    if let Some(claims) = claims.filter(|c| is_lightweight(c) && !route.required_roles.is_empty()) {
-        if let Some(realm) = realm(&claims.iss) {
-            out.push(lightweight_note(
-                claims,
-                realm,
-                "realm_access and resource_access (the roles: mappers *realm roles* and *client roles* of client scope `roles`)",
-            ));
-        }
+    if let Some(claims) = claims.filter(|c| is_lightweight(c) && !route.required_roles.is_empty())
+        && let Some(realm) = realm(&claims.iss)
+    {
+        out.push(lightweight_note(
+            claims,
+            realm,
+            "realm_access and resource_access (the roles: mappers *realm roles* and *client roles* of client scope `roles`)",
+        ));
     }
     if !route.required_scopes.is_empty() {
         out.push(format!(
