@@ -137,6 +137,8 @@ fn config(issuer: &str, otlp: SocketAddr, ratio: f64) -> String {
   otlp_endpoint: http://{otlp}
   sample_ratio: {ratio}
   service_name: {AUDGATE_SERVICE}
+logging:
+  decisions: all   # the tests read the trace id from allow lines too
 issuers:
   kc:
     issuer: {issuer}
