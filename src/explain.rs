@@ -51,6 +51,9 @@ pub struct Explanation {
     pub client_id: Option<String>,
     pub scopes: Option<String>,
     pub roles: Option<String>,
+    /// Each `required_claims` condition of the route and whether the token meets it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub required_claims: Vec<String>,
     /// The claims that mattered, as the token carries them.
     pub claims: BTreeMap<String, Value>,
     pub hints: Vec<String>,
@@ -199,11 +202,22 @@ pub fn explain(
                     roles.join(", ")
                 )
             }),
+        required_claims: claims
+            .zip(decision.route)
+            .map(|(c, r)| conditions_step(r, c, decision.reason == Reason::ClaimMismatch))
+            .unwrap_or_default(),
         claims: payload.map_or_else(BTreeMap::new, |p| {
-            SHOWN_CLAIMS
+            let mut shown: BTreeMap<String, Value> = SHOWN_CLAIMS
                 .iter()
                 .filter_map(|&name| p.get(name).map(|v| (name.to_owned(), v.clone())))
-                .collect()
+                .collect();
+            // the claims the route's conditions read matter too
+            for c in decision.route.iter().flat_map(|r| &r.required_claims) {
+                if let Some(v) = c.lookup(&p) {
+                    shown.insert(c.claim.clone(), v.clone());
+                }
+            }
+            shown
         }),
         hints: hint::hints(policy, &decision, raw, issuer_keys.as_deref()),
     }
@@ -379,6 +393,32 @@ fn client_id_step(decision: &Decision<'_>, c: &jwt::Claims) -> Option<String> {
     ))
 }
 
+/// One line a `required_claims` condition: what it needs, what the token has, and whether it
+/// holds; the first that does not is the one the decision names.
+fn conditions_step(route: &authz::Route, c: &jwt::Claims, denied_by_claims: bool) -> Vec<String> {
+    let mut failed_seen = !denied_by_claims;
+    route
+        .required_claims
+        .iter()
+        .map(|cond| {
+            let outcome = if cond.holds(&c.payload) {
+                "holds"
+            } else if failed_seen {
+                "does NOT hold"
+            } else {
+                failed_seen = true;
+                "does NOT hold <- denied here"
+            };
+            format!(
+                "{} {}; the token has {} -> {outcome}",
+                cond.claim,
+                cond.requirement(),
+                authz::conditions::shown(cond.lookup(&c.payload))
+            )
+        })
+        .collect()
+}
+
 /// The trace as text.
 pub fn render_text(e: &Explanation) -> String {
     let mut out = String::new();
@@ -443,6 +483,10 @@ pub fn render_text(e: &Explanation) -> String {
         if let Some(v) = value {
             let _ = writeln!(out, "{label:<11} {v}");
         }
+    }
+    for (i, c) in e.required_claims.iter().enumerate() {
+        let label = if i == 0 { "claims if:" } else { "" };
+        let _ = writeln!(out, "{label:<11} {c}");
     }
     if !e.claims.is_empty() {
         let _ = writeln!(out, "claims:");

@@ -105,8 +105,13 @@ fn describe_match(r: &Route) -> String {
 
 fn describe_rule(r: &Route, p: &crate::authz::Policy) -> String {
     let mode = if r.mode == Mode::DryRun { " (dry run)" } else { "" };
+    let preflight = if r.allow_cors_preflight {
+        "; CORS preflights pass without a token"
+    } else {
+        ""
+    };
     if r.allow_anonymous {
-        return format!("anonymous: no token needed{mode}");
+        return format!("anonymous: no token needed{preflight}{mode}");
     }
     let claims: Vec<&str> = r.client_id_claims.iter().map(|c| c.name()).collect();
     let issuers: Vec<&str> = r.issuers.iter().map(|&i| p.issuers[i].name.as_str()).collect();
@@ -123,5 +128,13 @@ fn describe_rule(r: &Route, p: &crate::authz::Policy) -> String {
         let roles: Vec<String> = r.required_roles.iter().map(ToString::to_string).collect();
         let _ = write!(rule, "; roles {}", roles.join(","));
     }
-    rule + mode
+    if !r.required_claims.is_empty() {
+        let conditions: Vec<String> = r
+            .required_claims
+            .iter()
+            .map(|c| format!("{} {}", c.claim, c.requirement()))
+            .collect();
+        let _ = write!(rule, "; claims {}", conditions.join(" and "));
+    }
+    rule + preflight + mode
 }

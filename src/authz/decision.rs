@@ -203,7 +203,7 @@ pub fn respond<'p>(policy: &'p Policy, d: &Decision<'p>) -> Response<'p> {
 fn challenge(reason: Reason, description: &str) -> Option<String> {
     let error = match reason {
         Reason::MissingToken => return Some(r#"Bearer realm="audgate""#.to_owned()),
-        Reason::InsufficientScope => "insufficient_scope",
+        Reason::InsufficientScope | Reason::ClaimMismatch => "insufficient_scope",
         Reason::NoRoute | Reason::KeysUnavailable => return None,
         _ => "invalid_token",
     };

@@ -25,7 +25,7 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
     };
     let route = decision.route;
     match decision.reason {
-        Reason::Allowed | Reason::Anonymous => Vec::new(),
+        Reason::Allowed | Reason::Anonymous | Reason::CorsPreflight => Vec::new(),
         Reason::MissingToken => {
             let sources: Vec<String> = policy.token.sources.iter().map(ToString::to_string).collect();
             vec![format!(
@@ -96,7 +96,33 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
         Reason::KeysUnavailable => vec![
             "audgate has not loaded this issuer's keys yet: check that the discovery / JWKS URL is reachable from audgate (`audgate doctor`)".to_owned(),
         ],
+        Reason::ClaimMismatch => match (route, claims) {
+            (Some(route), Some(claims)) => claim_mismatch(route, claims),
+            _ => Vec::new(),
+        },
     }
+}
+
+/// `claim_mismatch`: which condition failed and where such a claim comes from in Keycloak.
+fn claim_mismatch(route: &Route, claims: &Claims) -> Vec<String> {
+    let Some(failed) = route.required_claims.iter().find(|c| !c.holds(&claims.payload)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if failed.lookup(&claims.payload).is_none() {
+        out.push(format!(
+            "the token has no claim `{}`: in Keycloak a protocol mapper on the client (or on a client scope assigned to it) puts it in the access token (a User Attribute, Group Membership or Hardcoded claim mapper, with `Add to access token` on); a dotted name reaches nested claims, and a claim whose own name has a dot is matched too",
+            failed.claim
+        ));
+    } else {
+        out.push(format!(
+            "claim `{}` must be {}: change the user's attributes, groups or roles in the issuer so that it is, or widen the route's `required_claims` (a list accepts any of its values, a leading or trailing `*` a suffix or prefix)",
+            failed.claim,
+            failed.requirement()
+        ));
+    }
+    out.push("the token's claims only change when a new token is issued: get a new one after the change".to_owned());
+    out
 }
 
 /// The realm of a Keycloak issuer URL (`.../realms/NAME`).

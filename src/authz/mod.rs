@@ -7,6 +7,7 @@
 //! route's rule (client id, scopes, roles).
 
 pub mod claims;
+pub mod conditions;
 pub mod decision;
 pub mod hint;
 pub mod jwt;
@@ -154,6 +155,9 @@ fn decide<'p>(
             };
         }
     };
+    if route.passes_as_preflight(input) {
+        return Decision::allow(Some(route), Reason::CorsPreflight);
+    }
     if route.allow_anonymous {
         return Decision::allow(Some(route), Reason::Anonymous);
     }

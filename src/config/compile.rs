@@ -9,6 +9,7 @@ use regex::Regex;
 
 use super::raw::{self, RawConfig, RawDuration, RawIssuer, RawRoute, RawSource, S};
 use super::{Config, Diagnostic, KeySource, KeySourceConfig, Listen, lint};
+use crate::authz::conditions::ClaimCondition;
 use crate::authz::route::{ClientIdClaim, HostPattern, Match, Mode, PathMatch, Role};
 use crate::authz::{
     Alg, ClaimHeader, ClaimValue, DefaultAction, Issuer, Policy, Route, RouteTable, TokenConfig, TokenSource,
@@ -483,6 +484,7 @@ fn routes(raw: &RawConfig, issuers: &[Issuer], d: &mut Diagnostics) -> Vec<Route
                 Role::parse(&role.value)
             })
             .collect();
+        let required_claims = required_claims(&name, r, d);
         routes.push(Route {
             name,
             matcher,
@@ -496,6 +498,8 @@ fn routes(raw: &RawConfig, issuers: &[Issuer], d: &mut Diagnostics) -> Vec<Route
                 Some(raw::ModeKeyword::DryRun) => Mode::DryRun,
                 _ => Mode::Enforce,
             },
+            required_claims,
+            allow_cors_preflight: r.allow_cors_preflight,
         });
     }
     routes
@@ -568,4 +572,29 @@ fn check_path(route: &str, p: &S<String>, d: &mut Diagnostics) {
     if !p.value.starts_with('/') {
         d.error(p, format!("route {route}: path `{}` must start with /", p.value));
     }
+}
+
+/// `required_claims`: each entry compiled, each bad one an error at its value (or its key's
+/// mapping when the key itself is bad).
+fn required_claims(route: &str, r: &RawRoute, d: &mut Diagnostics) -> Vec<ClaimCondition> {
+    let Some(map) = &r.required_claims else {
+        return Vec::new();
+    };
+    if r.allow_anonymous {
+        d.error(
+            map,
+            format!("route {route}: `required_claims` cannot apply with `allow_anonymous: true` (no token is checked)"),
+        );
+    }
+    if map.value.is_empty() {
+        d.error(map, format!("route {route}: `required_claims` is empty"));
+    }
+    let mut out = Vec::new();
+    for (claim, value) in &map.value {
+        match ClaimCondition::parse(claim, &value.value) {
+            Ok(c) => out.push(c),
+            Err(e) => d.error(value, format!("route {route}: required_claims: {e}")),
+        }
+    }
+    out
 }

@@ -129,6 +129,10 @@ pub struct RawRoute {
     pub mode: Option<ModeKeyword>,
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// Claim path -> a scalar or a list of scalars (checked in `compile`).
+    pub required_claims: Option<S<IndexMap<String, S<serde_json::Value>>>>,
+    #[serde(default)]
+    pub allow_cors_preflight: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
