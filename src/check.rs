@@ -56,13 +56,14 @@ pub fn unix_now() -> i64 {
 pub async fn check<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>) -> Decision<'p> {
     let started = Instant::now();
     let policy = &snapshot.config.policy;
-    let keys = |id| snapshot.keys.current(id);
+    let keys = |id, tenant: Option<&str>| snapshot.keys.current_for(id, tenant);
     let memo = snapshot.tokens.view(&snapshot.keys);
-    let mut decision = authz::evaluate_with_memo(policy, input, keys, &memo, unix_now());
+    let mut decision = authz::evaluate_tenants(policy, input, keys, &memo, unix_now());
     if let (Reason::UnknownKid | Reason::KeysUnavailable, Some(id)) = (decision.reason, decision.issuer) {
-        let issuer = snapshot.keys.issuer(id);
-        if issuer.refetch_for_unknown_kid(issuer.generation()).await {
-            decision = authz::evaluate_with_memo(policy, input, keys, &memo, unix_now());
+        let tenant = decision.tenant.clone();
+        let seen = snapshot.keys.generation_for(id, tenant.as_deref());
+        if snapshot.keys.refetch(id, tenant.as_deref(), seen).await {
+            decision = authz::evaluate_tenants(policy, input, keys, &memo, unix_now());
         }
     }
     let elapsed = started.elapsed();
@@ -88,7 +89,7 @@ fn log(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>, elapsed: D
     if !d.description.is_empty() && tracing::enabled!(target: "audgate::decision", tracing::Level::DEBUG) {
         let policy = &snapshot.config.policy;
         let token = authz::token::extract(&policy.token, input).ok();
-        let keys = d.issuer.and_then(|i| snapshot.keys.current(i));
+        let keys = d.issuer.and_then(|i| snapshot.keys.current_for(i, d.tenant.as_deref()));
         let hints = authz::hint::hints(policy, d, token.as_deref(), keys.as_deref());
         tracing::debug!(
             target: "audgate::decision",

@@ -18,11 +18,21 @@ pub fn render(path: &Path, loaded: &Loaded) -> String {
         c.listen.grpc, c.listen.http, c.listen.admin
     );
     let _ = writeln!(out, "\nissuers ({}):", p.issuers.len());
-    for (issuer, source) in p.issuers.iter().zip(&c.key_sources) {
+    for (id, (issuer, source)) in p.issuers.iter().zip(&c.key_sources).enumerate() {
         let algs: Vec<&str> = issuer.algorithms.iter().map(|a| a.name()).collect();
         let _ = writeln!(out, "  {}  {}", issuer.name, issuer.issuer);
         for alias in &issuer.aliases {
             let _ = writeln!(out, "      alias {alias}");
+        }
+        if let Some(t) = p.template(id) {
+            let _ = match &t.tenants {
+                crate::authz::tenant::TenantSet::Listed(list) => writeln!(out, "      tenants {}", list.join(", ")),
+                crate::authz::tenant::TenantSet::Pattern { regex, max } => writeln!(
+                    out,
+                    "      tenants matching {} (keys on first use, at most {max} at once)",
+                    regex.as_str()
+                ),
+            };
         }
         let _ = writeln!(
             out,
@@ -48,6 +58,7 @@ pub fn render(path: &Path, loaded: &Loaded) -> String {
             let v = match &h.value {
                 ClaimValue::ClientId => "$client_id".to_owned(),
                 ClaimValue::Payload => "$payload".to_owned(),
+                ClaimValue::Tenant => "$tenant".to_owned(),
                 ClaimValue::Claim(path) => path.join("."),
             };
             format!("{}={v}", h.name)
@@ -135,6 +146,9 @@ fn describe_rule(r: &Route, p: &crate::authz::Policy) -> String {
             .map(|c| format!("{} {}", c.claim, c.requirement()))
             .collect();
         let _ = write!(rule, "; claims {}", conditions.join(" and "));
+    }
+    if !r.tenants.is_empty() {
+        let _ = write!(rule, "; tenants {}", r.tenants.join(","));
     }
     rule + preflight + mode
 }

@@ -168,6 +168,8 @@ pub struct Route {
     pub required_claims: Vec<ClaimCondition>,
     /// `allow_cors_preflight`: a CORS preflight passes without a token.
     pub allow_cors_preflight: bool,
+    /// `tenants`: the tenants of templated issuers this route accepts; empty: any.
+    pub tenants: Vec<String>,
 }
 
 impl Route {
@@ -340,6 +342,7 @@ mod tests {
             mode: Mode::Enforce,
             required_claims: vec![],
             allow_cors_preflight: false,
+            tenants: vec![],
         }
     }
 

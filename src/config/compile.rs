@@ -11,6 +11,7 @@ use super::raw::{self, RawConfig, RawDuration, RawIssuer, RawRoute, RawSource, S
 use super::{Config, Diagnostic, KeySource, KeySourceConfig, Listen, lint};
 use crate::authz::conditions::ClaimCondition;
 use crate::authz::route::{ClientIdClaim, HostPattern, Match, Mode, PathMatch, Role};
+use crate::authz::tenant::{self, TenantSet, TenantTemplate};
 use crate::authz::{
     Alg, ClaimHeader, ClaimValue, DefaultAction, Issuer, Policy, Route, RouteTable, TokenConfig, TokenSource,
 };
@@ -75,7 +76,9 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
     let (issuers, key_sources) = issuers(&raw, &mut d);
     let token = token(raw.token.as_ref(), &mut d);
     let claim_headers = claim_headers(raw.claim_headers.as_ref(), &mut d);
-    let routes = routes(&raw, &issuers, &mut d);
+    let templates = templates(&raw, &mut d);
+    let mut routes = routes(&raw, &issuers, &mut d);
+    route_tenants(&raw, &mut routes, &templates, &mut d);
     let http_endpoint = http_endpoint(raw.http_endpoint.as_ref(), &mut d);
     if !d.errors.is_empty() {
         return Err(d.errors);
@@ -86,7 +89,7 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
         Some(raw::DefaultKeyword::Allow) => DefaultAction::Allow,
         _ => DefaultAction::Deny,
     };
-    let policy = Policy::new(issuers, token, claim_headers, RouteTable::new(routes, default));
+    let policy = Policy::new(issuers, token, claim_headers, RouteTable::new(routes, default)).with_templates(templates);
     let config = Config {
         listen,
         policy,
@@ -365,10 +368,11 @@ fn claim_headers(raw: Option<&indexmap::IndexMap<String, S<String>>>, d: &mut Di
         let claim = match v {
             "$client_id" => ClaimValue::ClientId,
             "$payload" => ClaimValue::Payload,
+            "$tenant" => ClaimValue::Tenant,
             _ if v.starts_with('$') => {
                 d.error(
                     value,
-                    format!("claim_headers.{name}: `{v}` is not one of $client_id, $payload"),
+                    format!("claim_headers.{name}: `{v}` is not one of $client_id, $payload, $tenant"),
                 );
                 continue;
             }
@@ -500,6 +504,7 @@ fn routes(raw: &RawConfig, issuers: &[Issuer], d: &mut Diagnostics) -> Vec<Route
             },
             required_claims,
             allow_cors_preflight: r.allow_cors_preflight,
+            tenants: Vec::new(),
         });
     }
     routes
@@ -597,4 +602,148 @@ fn required_claims(route: &str, r: &RawRoute, d: &mut Diagnostics) -> Vec<ClaimC
         }
     }
     out
+}
+
+/// Default and upper bound of `max_tenants`.
+const DEFAULT_MAX_TENANTS: u64 = 100;
+const MAX_MAX_TENANTS: u64 = 10_000;
+
+/// The `{tenant}` template of each issuer (`None` for a plain one), every misuse an error:
+/// `{tenant}` not exactly one whole path segment, `tenants` and `tenant_pattern` both or
+/// neither, a pattern that is not anchored or does not compile.
+fn templates(raw: &RawConfig, d: &mut Diagnostics) -> Vec<Option<TenantTemplate>> {
+    let mut out = Vec::new();
+    for (name, spanned) in &raw.issuers {
+        let i = &spanned.value;
+        let what = format!("issuer {name}");
+        let templated = i.issuer.value.contains(tenant::PLACEHOLDER);
+        if !templated {
+            for (given, key) in [
+                (i.tenants.is_some(), "tenants"),
+                (i.tenant_pattern.is_some(), "tenant_pattern"),
+                (i.max_tenants.is_some(), "max_tenants"),
+            ] {
+                if given {
+                    d.error(
+                        &i.issuer,
+                        format!("{what}: `{key}` needs `{{tenant}}` in `issuer` (like https://sso.example.com/realms/{{tenant}})"),
+                    );
+                }
+            }
+            for alias in &i.issuer_aliases {
+                if alias.value.contains(tenant::PLACEHOLDER) {
+                    d.error(
+                        alias,
+                        format!("{what}: an alias may hold `{{tenant}}` only when `issuer` does"),
+                    );
+                }
+            }
+            for url in [&i.discovery_url, &i.jwks_uri, &i.jwks_file].into_iter().flatten() {
+                if url.value.contains(tenant::PLACEHOLDER) {
+                    d.error(url, format!("{what}: `{{tenant}}` here needs `{{tenant}}` in `issuer`"));
+                }
+            }
+            out.push(None);
+            continue;
+        }
+        for t in std::iter::once(&i.issuer).chain(&i.issuer_aliases) {
+            if let Err(e) = tenant::check_template(&t.value) {
+                d.error(t, format!("{what}: {e}"));
+            }
+        }
+        for url in [&i.discovery_url, &i.jwks_uri].into_iter().flatten() {
+            if url.value.contains(tenant::PLACEHOLDER)
+                && let Err(e) = tenant::check_template(&url.value)
+            {
+                d.error(url, format!("{what}: {e}"));
+            }
+        }
+        if let Some(max) = &i.max_tenants {
+            if i.tenant_pattern.is_none() {
+                d.error(max, format!("{what}: `max_tenants` applies to `tenant_pattern` only"));
+            }
+            if max.value == 0 || max.value > MAX_MAX_TENANTS {
+                d.error(max, format!("{what}: max_tenants must be 1 to {MAX_MAX_TENANTS}"));
+            }
+        }
+        let set = match (&i.tenants, &i.tenant_pattern) {
+            (Some(list), None) => {
+                if list.value.is_empty() {
+                    d.error(list, format!("{what}: `tenants` is empty"));
+                }
+                let mut names: Vec<String> = Vec::new();
+                for t in &list.value {
+                    if let Err(e) = tenant::check_tenant_name(&t.value) {
+                        d.error(t, format!("{what}: {e}"));
+                    } else if names.contains(&t.value) {
+                        d.error(t, format!("{what}: tenant `{}` is listed twice", t.value));
+                    }
+                    names.push(t.value.clone());
+                }
+                TenantSet::Listed(names)
+            }
+            (None, Some(p)) => match tenant::compile_pattern(&p.value) {
+                Ok(regex) => TenantSet::Pattern {
+                    regex,
+                    max: usize::try_from(i.max_tenants.as_ref().map_or(DEFAULT_MAX_TENANTS, |m| m.value))
+                        .unwrap_or(usize::MAX),
+                },
+                Err(e) => {
+                    d.error(p, format!("{what}: {e}"));
+                    TenantSet::Listed(Vec::new())
+                }
+            },
+            _ => {
+                d.error(
+                    spanned,
+                    format!(
+                        "{what}: a `{{tenant}}` issuer needs exactly one of `tenants` (a list) or `tenant_pattern`"
+                    ),
+                );
+                TenantSet::Listed(Vec::new())
+            }
+        };
+        let templates = std::iter::once(&i.issuer)
+            .chain(&i.issuer_aliases)
+            .map(|t| t.value.as_str());
+        out.push(Some(TenantTemplate::new(templates, set)));
+    }
+    out
+}
+
+/// A route's `tenants`: each must be a tenant one of the route's templated issuers accepts.
+fn route_tenants(raw: &RawConfig, routes: &mut [Route], templates: &[Option<TenantTemplate>], d: &mut Diagnostics) {
+    for (spanned, route) in raw.routes.iter().zip(routes.iter_mut()) {
+        let Some(list) = &spanned.value.tenants else { continue };
+        let templated: Vec<&TenantTemplate> = route
+            .issuers
+            .iter()
+            .filter_map(|&id| templates.get(id).and_then(Option::as_ref))
+            .collect();
+        if templated.is_empty() {
+            d.error(
+                list,
+                format!(
+                    "route {}: `tenants` needs an issuer with `{{tenant}}` among the route's issuers",
+                    route.name
+                ),
+            );
+            continue;
+        }
+        if list.value.is_empty() {
+            d.error(list, format!("route {}: `tenants` is empty", route.name));
+        }
+        for t in &list.value {
+            if !templated.iter().any(|tpl| tpl.tenants.accepts(&t.value)) {
+                d.error(
+                    t,
+                    format!(
+                        "route {}: tenant `{}` is not accepted by the route's templated issuers (their `tenants` / `tenant_pattern`)",
+                        route.name, t.value
+                    ),
+                );
+            }
+            route.tenants.push(t.value.clone());
+        }
+    }
 }
