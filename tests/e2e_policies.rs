@@ -179,3 +179,333 @@ async fn cors_preflight_and_required_claims_over_the_http_endpoint() {
     let stack = Stack::start_http(&[&key], |issuer| config(issuer, true)).await;
     exercise(&stack, &key, "http").await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// One issuer entry for many tenants
+// ---------------------------------------------------------------------------------------------
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A Keycloak-shaped host with many realms: `/{kind}/{realm}/.well-known/openid-configuration`
+/// and `/{kind}/{realm}/protocol/openid-connect/certs` for the realms it knows (404 for any
+/// other), each realm with its own key. Every request is counted.
+struct Realms {
+    base: String,
+    keys: Arc<Mutex<HashMap<String, Value>>>,
+    requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct RealmsState {
+    base: String,
+    keys: Arc<Mutex<HashMap<String, Value>>>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Realms {
+    async fn start() -> Realms {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let state = RealmsState {
+            base: base.clone(),
+            keys: Arc::default(),
+            requests: Arc::default(),
+        };
+        let app = axum::Router::new()
+            .route(
+                "/{kind}/{realm}/.well-known/openid-configuration",
+                axum::routing::get(realm_discovery),
+            )
+            .route(
+                "/{kind}/{realm}/protocol/openid-connect/certs",
+                axum::routing::get(realm_jwks),
+            )
+            .with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Realms {
+            base,
+            keys: state.keys,
+            requests: state.requests,
+            task,
+        }
+    }
+
+    /// Publish `key` for `/{kind}/{realm}`; returns that realm's issuer URL.
+    fn add(&self, kind: &str, realm: &str, key: &TestKey) -> String {
+        let path = format!("{kind}/{realm}");
+        self.keys.lock().unwrap().insert(path.clone(), common::jwks(&[key]));
+        format!("{}/{path}", self.base)
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Realms {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type RealmPath = axum::extract::Path<(String, String)>;
+
+async fn realm_discovery(
+    axum::extract::State(s): axum::extract::State<RealmsState>,
+    axum::extract::Path((kind, realm)): RealmPath,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    s.requests.fetch_add(1, Ordering::SeqCst);
+    let path = format!("{kind}/{realm}");
+    if !s.keys.lock().unwrap().contains_key(&path) {
+        return axum::http::StatusCode::NOT_FOUND.into_response();
+    }
+    let issuer = format!("{}/{path}", s.base);
+    axum::Json(json!({"issuer": issuer, "jwks_uri": format!("{issuer}/protocol/openid-connect/certs")})).into_response()
+}
+
+async fn realm_jwks(
+    axum::extract::State(s): axum::extract::State<RealmsState>,
+    axum::extract::Path((kind, realm)): RealmPath,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    s.requests.fetch_add(1, Ordering::SeqCst);
+    match s.keys.lock().unwrap().get(&format!("{kind}/{realm}")) {
+        Some(jwks) => axum::Json(jwks.clone()).into_response(),
+        None => axum::http::StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+fn tenants_config(base: &str, http: bool) -> String {
+    let endpoint = if http {
+        "http_endpoint: { path_prefix: /authz }\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+issuers:
+  realms:
+    issuer: {base}/realms/{{tenant}}
+    tenants: [shop, billing]
+    discovery: true
+  teams:
+    issuer: {base}/orgs/{{tenant}}
+    tenant_pattern: "^team-[a-z0-9]{{1,20}}$"
+    max_tenants: 3
+    discovery: true
+    min_refresh_interval: 30s
+claim_headers:
+  x-auth-subject: sub
+  x-auth-tenant: $tenant
+  x-auth-client-id: $client_id
+routes:
+  - name: shop-only
+    match: {{ path_prefix: /shop }}
+    issuers: [realms]
+    tenants: [shop]
+    client_ids: [api]
+    client_id_claims: [aud, azp]
+  - name: any
+    match: {{ path_prefix: / }}
+    client_ids: [api]
+    client_id_claims: [aud, azp]
+default: deny
+{endpoint}"#
+    )
+}
+
+async fn admin_get(stack: &Stack, path: &str) -> (u16, String) {
+    let r = http_client()
+        .get(format!("{}{path}", stack.audgate.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Starts a stack whose audgate trusts the tenants of `realms`; returns it once ready.
+async fn tenants_stack(realms: &Realms, http: bool) -> Stack {
+    let placeholder = common::IssuerServer::start(&[&TestKey::ec("unused")]).await;
+    let base = realms.base.clone();
+    let stack = Stack::start_full(
+        placeholder,
+        |_| tenants_config(&base, http),
+        common::AudgateOptions::default(),
+        http,
+    )
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (status, body) = admin_get(&stack, "/readyz").await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {body}\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    stack
+}
+
+async fn exercise_tenants(http: bool) {
+    let mode = if http { "http" } else { "grpc" };
+    let realms = Realms::start().await;
+    let (shop_key, billing_key, team_key) = (TestKey::rsa("shop-1"), TestKey::ec("billing-1"), TestKey::ec("team-1"));
+    let shop = realms.add("realms", "shop", &shop_key);
+    let billing = realms.add("realms", "billing", &billing_key);
+    let team_a = realms.add("orgs", "team-a", &team_key);
+    // a realm the host serves but the config does not list
+    let other = realms.add("realms", "other", &shop_key);
+    let stack = tenants_stack(&realms, http).await;
+    let token = |key: &TestKey, iss: &str| key.mint(merge(keycloak_claims(iss, "api"), json!({"sub": "alice-id"})));
+
+    // a listed tenant: allowed with the tenant in $tenant, on the route restricted to it
+    let reply = stack
+        .get_with_token("/shop/x", &token(&shop_key, &shop), &[("x-auth-tenant", "forged")])
+        .await;
+    assert_upstream(
+        &reply,
+        &[("x-auth-tenant", Some("shop")), ("x-auth-client-id", Some("api"))],
+        mode,
+    );
+    // another listed tenant: not on the restricted route, fine elsewhere
+    let reply = stack
+        .get_with_token("/shop/x", &token(&billing_key, &billing), &[])
+        .await;
+    assert_eq!(
+        (reply.status, reply.error_code().as_deref()),
+        (401, Some("unknown_issuer")),
+        "{mode}\n{reply}"
+    );
+    assert!(
+        reply.json()["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("tenant `billing`"),
+        "{reply}"
+    );
+    let reply = stack.get_with_token("/any", &token(&billing_key, &billing), &[]).await;
+    assert_upstream(&reply, &[("x-auth-tenant", Some("billing"))], mode);
+    // each tenant has its own keys: shop's key does not sign for billing
+    let reply = stack.get_with_token("/any", &token(&shop_key, &billing), &[]).await;
+    assert_eq!(reply.error_code().as_deref(), Some("unknown_kid"), "{mode}\n{reply}");
+    // a realm that is not listed is an unknown issuer, and costs no fetch
+    let before = realms.requests();
+    let reply = stack.get_with_token("/any", &token(&shop_key, &other), &[]).await;
+    assert_eq!(
+        (reply.status, reply.error_code().as_deref()),
+        (401, Some("unknown_issuer")),
+        "{mode}\n{reply}"
+    );
+    // a pattern tenant: its keys load on first use
+    let reply = stack.get_with_token("/any", &token(&team_key, &team_a), &[]).await;
+    assert_upstream(
+        &reply,
+        &[("x-auth-tenant", Some("team-a"))],
+        &format!("{mode}: first use of team-a"),
+    );
+    assert_eq!(
+        realms.requests() - before,
+        2,
+        "{mode}: one discovery and one JWKS fetch for team-a"
+    );
+    // a tenant the pattern refuses is an unknown issuer without a fetch
+    let reply = stack
+        .get_with_token("/any", &token(&team_key, &format!("{}/orgs/Team_A", realms.base)), &[])
+        .await;
+    assert_eq!(reply.error_code().as_deref(), Some("unknown_issuer"), "{mode}\n{reply}");
+    assert_eq!(realms.requests() - before, 2);
+
+    // metrics: the issuer is the only label, its key count the sum over its loaded tenants
+    let (_, text) = admin_get(&stack, "/metrics").await;
+    let metrics = common::Metrics::parse(&text);
+    assert_eq!(
+        metrics.get("audgate_jwks_keys", &[("issuer", "realms")]),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metrics.get("audgate_jwks_keys", &[("issuer", "teams")]),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(!text.contains("tenant="), "no tenant label: {text}");
+    assert!(!text.contains("team-a") && !text.contains("billing"), "{text}");
+    if !http {
+        let logs = stack.envoy.logs();
+        assert!(logs.contains("route=any reason=allowed"), "{logs}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_over_grpc() {
+    exercise_tenants(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_over_the_http_endpoint() {
+    exercise_tenants(true).await;
+}
+
+/// 300 tokens naming made-up tenants that match the pattern (anyone can mint a token with any
+/// `iss`): audgate fetches at most `max_tenants` (3) times per `min_refresh_interval` (30 s)
+/// from the host, answers the rest with keys_unavailable (Envoy: 503), keeps serving the
+/// tenants it holds, and stays ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_made_up_tenants_stays_within_the_fetch_budget() {
+    let realms = Realms::start().await;
+    let (shop_key, team_key) = (TestKey::rsa("shop-1"), TestKey::ec("team-1"));
+    let shop = realms.add("realms", "shop", &shop_key);
+    realms.add("realms", "billing", &shop_key);
+    let team_a = realms.add("orgs", "team-a", &team_key);
+    let stack = tenants_stack(&realms, false).await;
+    let token = |key: &TestKey, iss: &str| key.mint(keycloak_claims(iss, "api"));
+    let reply = stack.get_with_token("/any", &token(&team_key, &team_a), &[]).await;
+    assert_eq!(reply.status, 200, "{reply}");
+    let before = realms.requests();
+    let client = http_client();
+    let url = format!("{}/any", stack.envoy.url());
+    let mut statuses: HashMap<u16, usize> = HashMap::new();
+    let mut pending = Vec::new();
+    for i in 0..300 {
+        let auth = format!(
+            "Bearer {}",
+            token(&team_key, &format!("{}/orgs/team-fake{i}", realms.base))
+        );
+        let (client, url) = (client.clone(), url.clone());
+        pending.push(tokio::spawn(async move {
+            send(&client, "GET", &url, &[("authorization", &auth)]).await.status
+        }));
+        if pending.len() == 50 {
+            for p in pending.drain(..) {
+                *statuses.entry(p.await.unwrap()).or_default() += 1;
+            }
+        }
+    }
+    for p in pending {
+        *statuses.entry(p.await.unwrap()).or_default() += 1;
+    }
+    assert_eq!(statuses.get(&503), Some(&300), "{statuses:?}");
+    // team-a used one of the 3 fetches of this window; a made-up tenant costs one discovery
+    // request (404) each
+    let fetched = realms.requests() - before;
+    assert!(
+        (1..=2).contains(&fetched),
+        "{fetched} requests to the issuer host during the flood"
+    );
+    // the held tenant and the listed ones still work, and readiness is unaffected
+    let reply = stack.get_with_token("/any", &token(&team_key, &team_a), &[]).await;
+    assert_eq!(reply.status, 200, "{reply}");
+    let reply = stack.get_with_token("/any", &token(&shop_key, &shop), &[]).await;
+    assert_eq!(reply.status, 200, "{reply}");
+    assert_eq!(admin_get(&stack, "/readyz").await.0, 200);
+}
