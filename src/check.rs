@@ -81,6 +81,7 @@ fn log(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>, elapsed: D
         decision = d.verdict.label(),
         reason = d.reason.code(),
         issuer = d.issuer.map_or("", |i| snapshot.config.policy.issuers[i].name.as_str()),
+        tenant = d.tenant.as_deref().unwrap_or(""),
         subject = d.subject().unwrap_or(""),
         client_id = d.client_id.as_deref().unwrap_or(""),
         request_id = input.header("x-request-id").unwrap_or(""),

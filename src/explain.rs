@@ -71,6 +71,9 @@ pub struct RouteStep {
 pub struct IssuerStep {
     /// The configured issuer `iss` names, if any.
     pub name: Option<String>,
+    /// The tenant of a templated issuer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     pub iss: String,
 }
 
@@ -150,7 +153,7 @@ pub fn explain(
     let iss = text(&payload, "iss");
     let issuer_id = decision
         .issuer
-        .or_else(|| iss.as_deref().and_then(|i| policy.issuer_by_iss(i)));
+        .or_else(|| iss.as_deref().and_then(|i| policy.resolve_iss(i)).map(|(id, _)| id));
     let issuer_keys = issuer_id.and_then(&keys);
     let claims = parsed.as_ref().map(|p| &p.claims);
     let checked = signatures == Signatures::Verify;
@@ -169,6 +172,7 @@ pub fn explain(
         }),
         issuer: iss.map(|iss| IssuerStep {
             name: issuer_id.map(|id| policy.issuers[id].name.clone()),
+            tenant: policy.resolve_iss(&iss).and_then(|(_, t)| t.map(jwt::readable)),
             iss: jwt::readable(&iss),
         }),
         key: key_step(
@@ -464,7 +468,10 @@ pub fn render_text(e: &Explanation) -> String {
     }
     if let Some(i) = &e.issuer {
         let _ = match &i.name {
-            Some(name) => writeln!(out, "issuer:     {name} ({})", i.iss),
+            Some(name) => match &i.tenant {
+                Some(t) => writeln!(out, "issuer:     {name}, tenant {t} ({})", i.iss),
+                None => writeln!(out, "issuer:     {name} ({})", i.iss),
+            },
             None => writeln!(out, "issuer:     `{}` is not a configured issuer", i.iss),
         };
     }

@@ -443,7 +443,45 @@ async fn exercise_tenants(http: bool) {
     if !http {
         let logs = stack.envoy.logs();
         assert!(logs.contains("route=any reason=allowed"), "{logs}");
+        doctor_checks_listed_tenants(&realms).await;
     }
+}
+
+async fn doctor(config: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audgate.yaml");
+    std::fs::write(&path, config).unwrap();
+    let out = tokio::process::Command::new(common::audgate_binary())
+        .arg("doctor")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `audgate doctor` checks every listed tenant live, and says pattern tenants are not checked.
+async fn doctor_checks_listed_tenants(realms: &Realms) {
+    let config = tenants_config(&realms.base, false);
+    let (ok, text) = doctor(&config).await;
+    assert!(ok, "{text}");
+    for expected in [
+        "issuer realms (tenant shop)",
+        "issuer realms (tenant billing)",
+        "issuer teams ",
+        "tenant_pattern",
+    ] {
+        assert!(text.contains(expected), "doctor output lacks {expected:?}:\n{text}");
+    }
+    let (ok, text) = doctor(&config.replace("tenants: [shop, billing]", "tenants: [shop, gone]")).await;
+    assert!(!ok, "a listed tenant the host does not serve is unusable:\n{text}");
+    assert!(text.contains("issuer realms (tenant gone)"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

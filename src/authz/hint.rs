@@ -58,6 +58,9 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
                 "sign with {allowed} — in Keycloak: Realm settings > Keys, and the client's access token signature algorithm — or add the algorithm to `algorithms`; `none` and HS* are never accepted"
             )]
         }
+        Reason::UnknownIssuer if claims.is_some_and(|c| tenant_hint(policy, route, c).is_some()) => {
+            claims.and_then(|c| tenant_hint(policy, route, c)).unwrap_or_default()
+        }
         Reason::UnknownIssuer => match claims {
             Some(c) => unknown_issuer(policy, route, c),
             None => vec![
@@ -101,6 +104,38 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
             _ => Vec::new(),
         },
     }
+}
+
+/// `unknown_issuer` for a templated issuer: the tenant is not accepted by the route, or `iss`
+/// has the template's shape but names a tenant the issuer does not accept.
+fn tenant_hint(policy: &Policy, route: Option<&Route>, claims: &Claims) -> Option<Vec<String>> {
+    if let Some((id, Some(tenant))) = policy.resolve_iss(&claims.iss) {
+        let route = route?;
+        return Some(vec![format!(
+            "tenant `{}` of issuer {} is valid, but route {} accepts only the tenants [{}]: add it to the route's `tenants` if its users belong here",
+            jwt::readable(tenant),
+            policy.issuers[id].name,
+            route.name,
+            route.tenants.join(", ")
+        )]);
+    }
+    (0..policy.issuers.len()).find_map(|id| {
+        let template = policy.template(id)?;
+        let issuer = &policy.issuers[id];
+        let (before, after) = issuer.issuer.split_once(super::tenant::PLACEHOLDER)?;
+        let tenant = claims.iss.strip_prefix(before)?.strip_suffix(after)?;
+        let accepted = match &template.tenants {
+            super::tenant::TenantSet::Listed(list) => format!("its `tenants` [{}]", list.join(", ")),
+            super::tenant::TenantSet::Pattern { regex, .. } => format!("its `tenant_pattern` {}", regex.as_str()),
+        };
+        Some(vec![format!(
+            "`{}` has the shape of issuer {} (`{}`), but tenant `{}` is not one of {accepted}: add the tenant there, or get a token from an accepted tenant",
+            jwt::readable(&claims.iss),
+            issuer.name,
+            issuer.issuer,
+            jwt::readable(tenant)
+        )])
+    })
 }
 
 /// `claim_mismatch`: which condition failed and where such a claim comes from in Keycloak.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 pub use cache::{IssuerKeys, Refreshed, TenantGauge};
 pub use fetch::{Fetcher, MAX_DOCUMENT_BYTES};
 pub use keyset::{JwksError, Key, KeyKind, KeySet, SkippedKey};
-pub use tenants::TenantKeys;
+pub use tenants::{TenantKeys, tenant_source};
 
 use crate::authz::IssuerId;
 use crate::config::Config;

@@ -83,12 +83,7 @@ impl TenantKeys {
     }
 
     fn create(&self, tenant: &str) -> Result<IssuerKeys, String> {
-        let mut config = self.template.clone();
-        config.source = match &config.source {
-            KeySource::Discovery(url) => KeySource::Discovery(fill(url, tenant)),
-            KeySource::JwksUri(url) => KeySource::JwksUri(fill(url, tenant)),
-            KeySource::File(path) => KeySource::File(fill(&path.to_string_lossy(), tenant).into()),
-        };
+        let config = tenant_source(&self.template, tenant);
         IssuerKeys::new_tenant(self.name.clone(), tenant.to_owned(), config, Arc::clone(&self.gauge))
     }
 
@@ -200,6 +195,17 @@ impl TenantKeys {
     pub fn key_count(&self) -> i64 {
         self.gauge.total()
     }
+}
+
+/// A templated issuer's key source for one tenant: `{tenant}` filled in.
+pub fn tenant_source(template: &KeySourceConfig, tenant: &str) -> KeySourceConfig {
+    let mut config = template.clone();
+    config.source = match &config.source {
+        KeySource::Discovery(url) => KeySource::Discovery(fill(url, tenant)),
+        KeySource::JwksUri(url) => KeySource::JwksUri(fill(url, tenant)),
+        KeySource::File(path) => KeySource::File(fill(&path.to_string_lossy(), tenant).into()),
+    };
+    config
 }
 
 fn spec(set: &TenantSet) -> String {
