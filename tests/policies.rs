@@ -323,3 +323,197 @@ fn explain_lists_each_condition_and_marks_the_failed_one() {
     assert!(text.contains("claims if:  email_verified equal to true"), "{text}");
     assert!(!e.hints.is_empty());
 }
+
+fn errors(yaml: &str) -> Vec<(u64, u64, String)> {
+    match config::parse(yaml) {
+        Ok(_) => panic!("the config loaded:\n{yaml}"),
+        Err(e) => e.into_iter().map(|d| (d.line, d.column, d.message)).collect(),
+    }
+}
+
+#[test]
+fn bad_required_claims_are_config_errors_at_their_value() {
+    let e = errors(
+        r#"issuers:
+  kc: { issuer: https://sso.example.com/realms/shop, jwks_file: /dev/null }
+routes:
+  - name: r
+    client_ids: [api]
+    required_claims:
+      email_verified: ~
+      groups: []
+      tenant_id: "a*b"
+      realm_access..roles: [x]
+"#,
+    );
+    let at: Vec<(u64, u64)> = e.iter().map(|(l, c, _)| (*l, *c)).collect();
+    assert_eq!(at, [(7, 23), (8, 15), (9, 18), (10, 28)], "{e:?}");
+    assert!(e[0].2.contains("email_verified: null"), "{e:?}");
+    assert!(e[3].2.contains("`realm_access..roles` is not a claim path"), "{e:?}");
+}
+
+#[test]
+fn templated_issuers_are_validated_with_positions() {
+    let e = errors(
+        r#"issuers:
+  a:
+    issuer: https://sso.example.com/realms/x{tenant}
+    tenants: [shop]
+    discovery: true
+  b:
+    issuer: https://sso.example.com/orgs/{tenant}
+    tenant_pattern: "[a-z]+"
+    discovery: true
+  c:
+    issuer: https://sso.example.com/teams/{tenant}
+    discovery: true
+  d:
+    issuer: https://sso.example.com/plain
+    tenants: [x]
+    jwks_file: /dev/null
+  e:
+    issuer: https://sso.example.com/e/{tenant}
+    tenant_pattern: "^[a-z+$"
+    max_tenants: 0
+    discovery: true
+routes:
+  - name: r
+    issuers: [d]
+    client_ids: [api]
+    tenants: [shop]
+"#,
+    );
+    let has = |line: u64, text: &str| {
+        assert!(
+            e.iter().any(|(l, _, m)| *l == line && m.contains(text)),
+            "no error at line {line} with {text:?}: {e:?}"
+        )
+    };
+    has(3, "must be one whole path segment");
+    has(8, "must be anchored");
+    has(11, "exactly one of `tenants` (a list) or `tenant_pattern`");
+    has(14, "`tenants` needs `{tenant}` in `issuer`");
+    has(19, "does not compile");
+    has(20, "max_tenants must be 1 to 10000");
+    has(26, "`tenants` needs an issuer with `{tenant}`");
+}
+
+#[test]
+fn a_templated_issuer_resolves_accepted_tenants_only() {
+    let loaded = config::parse(
+        r#"issuers:
+  realms:
+    issuer: https://sso.example.com/realms/{tenant}
+    issuer_aliases: ["http://keycloak:8080/realms/{tenant}"]
+    tenants: [shop, billing]
+    discovery: true
+  plain:
+    issuer: https://sso.example.com/realms/admin
+    jwks_file: /dev/null
+claim_headers:
+  x-auth-tenant: $tenant
+routes:
+  - name: shop
+    issuers: [realms]
+    tenants: [shop]
+    client_ids: [api]
+"#,
+    )
+    .unwrap();
+    let p = &loaded.config.policy;
+    assert_eq!(
+        p.resolve_iss("https://sso.example.com/realms/shop"),
+        Some((0, Some("shop")))
+    );
+    assert_eq!(
+        p.resolve_iss("http://keycloak:8080/realms/billing"),
+        Some((0, Some("billing")))
+    );
+    assert_eq!(
+        p.resolve_iss("https://sso.example.com/realms/admin"),
+        Some((1, None)),
+        "an exact issuer first"
+    );
+    assert_eq!(p.resolve_iss("https://sso.example.com/realms/other"), None);
+    assert_eq!(
+        p.resolve_iss("https://sso.example.com/realms/{tenant}"),
+        None,
+        "the template is no iss"
+    );
+    assert_eq!(p.routes.routes()[0].tenants, ["shop"]);
+}
+
+#[test]
+fn tenant_tokens_are_checked_with_the_tenants_own_keys_and_route_tenants() {
+    let loaded = config::parse(
+        r#"issuers:
+  realms:
+    issuer: https://sso.example.com/realms/{tenant}
+    tenants: [shop, billing]
+    discovery: true
+claim_headers:
+  x-auth-tenant: $tenant
+routes:
+  - name: shop
+    match: { path_prefix: /shop }
+    tenants: [shop]
+    client_ids: [api]
+    client_id_claims: [aud, azp]
+  - name: any
+    client_ids: [api]
+    client_id_claims: [aud, azp]
+"#,
+    )
+    .unwrap();
+    let (shop_key, billing_key) = (TestKey::rsa("s"), TestKey::rsa("b"));
+    let set = |k: &TestKey| Arc::new(KeySet::parse(jwks(&[k]).to_string().as_bytes()).unwrap());
+    let (shop_keys, billing_keys) = (set(&shop_key), set(&billing_key));
+    let policy = &loaded.config.policy;
+    let decide = |path: &str, token: &str| {
+        let headers = HashMap::from([("authorization".to_owned(), format!("Bearer {token}"))]);
+        let input = CheckInput {
+            method: "GET",
+            host: "h",
+            path,
+            headers: &headers,
+            route_hint: None,
+        };
+        let keys = |_, tenant: Option<&str>| match tenant {
+            Some("shop") => Some(shop_keys.clone()),
+            Some("billing") => Some(billing_keys.clone()),
+            _ => None,
+        };
+        let d = authz::evaluate_tenants(policy, &input, keys, &authz::NoMemo, NOW);
+        let r = authz::respond(policy, &d);
+        (
+            d.reason,
+            d.tenant.clone(),
+            r.metadata.tenant.clone(),
+            r.upstream_headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mint = |k: &TestKey, realm: &str| {
+        let iss = format!("https://sso.example.com/realms/{realm}");
+        k.mint(merge(
+            keycloak_claims(&iss, "api"),
+            json!({"iat": NOW - 10, "exp": NOW + 300}),
+        ))
+    };
+    let (reason, tenant, meta, headers) = decide("/shop/x", &mint(&shop_key, "shop"));
+    assert_eq!(
+        (reason, tenant.as_deref(), meta.as_str()),
+        (Reason::Allowed, Some("shop"), "shop")
+    );
+    assert_eq!(headers, [("x-auth-tenant".to_owned(), "shop".to_owned())]);
+    let (reason, ..) = decide("/shop/x", &mint(&billing_key, "billing"));
+    assert_eq!(reason, Reason::UnknownIssuer, "the route accepts tenant shop only");
+    let (reason, ..) = decide("/any", &mint(&billing_key, "billing"));
+    assert_eq!(reason, Reason::Allowed);
+    let (reason, ..) = decide("/any", &mint(&shop_key, "billing"));
+    assert_eq!(reason, Reason::UnknownKid, "shop's key does not sign for billing");
+    let (reason, ..) = decide("/any", &mint(&shop_key, "other"));
+    assert_eq!(reason, Reason::UnknownIssuer);
+}
