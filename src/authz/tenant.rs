@@ -51,8 +51,9 @@ impl TenantTemplate {
         self.shapes.iter().find_map(|(before, after)| {
             let rest = iss.strip_prefix(before.as_str())?;
             let tenant = rest.strip_suffix(after.as_str())?;
-            let segment = !tenant.is_empty() && !tenant.contains(['/', '?', '#']);
-            (segment && self.tenants.accepts(tenant)).then_some(tenant)
+            // one plain segment: a `%`-escape or a dot segment could point the key fetch at
+            // another path of the host (`%2e%2e` is `..` to a URL parser)
+            (check_tenant_name(tenant).is_ok() && self.tenants.accepts(tenant)).then_some(tenant)
         })
     }
 }
@@ -99,7 +100,7 @@ pub fn check_tenant_name(tenant: &str) -> Result<(), String> {
     let ok = !tenant.is_empty()
         && tenant
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@%".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b))
         && tenant != "."
         && tenant != "..";
     if ok {
@@ -173,6 +174,22 @@ mod tests {
         assert_eq!(p.tenant_of("https://sso.example.com/realms/team-7"), Some("team-7"));
         assert_eq!(p.tenant_of("https://sso.example.com/realms/Team"), None);
         assert_eq!(p.tenant_of("https://sso.example.com/realms/a/b"), None);
+        // a pattern that accepts anything still never yields a dot segment or an escape
+        let any = TenantTemplate::new(
+            ["https://sso.example.com/realms/{tenant}"],
+            TenantSet::Pattern {
+                regex: compile_pattern("^.+$").unwrap(),
+                max: 10,
+            },
+        );
+        for bad in ["..", ".", "%2e%2e", "a%2Fb", "a b", "a?b", "a#b"] {
+            assert_eq!(
+                any.tenant_of(&format!("https://sso.example.com/realms/{bad}")),
+                None,
+                "{bad}"
+            );
+        }
+        assert_eq!(any.tenant_of("https://sso.example.com/realms/a.b"), Some("a.b"));
     }
 
     #[test]
@@ -183,7 +200,7 @@ mod tests {
         }
         assert_eq!(fill("https://h/realms/{tenant}/x", "shop"), "https://h/realms/shop/x");
         assert!(check_tenant_name("shop").is_ok());
-        for bad in ["", "a/b", "..", "a b", "a?b"] {
+        for bad in ["", "a/b", "..", "a b", "a?b", "%2e%2e"] {
             assert!(check_tenant_name(bad).is_err(), "{bad:?}");
         }
     }
