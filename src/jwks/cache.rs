@@ -1,7 +1,7 @@
 //! Per-issuer key cache: the last good key set, periodic refresh, and the rate-limited,
 //! single-flight refetch a request triggers when it meets an unknown `kid`.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -42,6 +42,9 @@ pub struct IssuerKeys {
 pub struct TenantGauge {
     name: String,
     total: AtomicI64,
+    /// Cleared when the issuer's tenant caches are replaced (a reload): the caches dropped
+    /// with them must not lower the gauge the new ones set.
+    live: AtomicBool,
 }
 
 impl TenantGauge {
@@ -49,12 +52,20 @@ impl TenantGauge {
         TenantGauge {
             name,
             total: AtomicI64::new(0),
+            live: AtomicBool::new(true),
         }
     }
 
     fn add(&self, delta: i64) {
         let total = self.total.fetch_add(delta, Ordering::AcqRel) + delta;
-        metrics::set_jwks_keys(&self.name, usize::try_from(total).unwrap_or(0));
+        if self.live.load(Ordering::Acquire) {
+            metrics::set_jwks_keys(&self.name, usize::try_from(total).unwrap_or(0));
+        }
+    }
+
+    /// Stop reporting: the caches this gauge sums are being replaced.
+    pub fn retire(&self) {
+        self.live.store(false, Ordering::Release);
     }
 
     pub fn total(&self) -> i64 {

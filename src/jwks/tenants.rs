@@ -208,6 +208,13 @@ pub fn tenant_source(template: &KeySourceConfig, tenant: &str) -> KeySourceConfi
     config
 }
 
+impl Drop for TenantKeys {
+    fn drop(&mut self) {
+        // runs before the tenant caches (fields) drop: their counts leave the sum silently
+        self.gauge.retire();
+    }
+}
+
 fn spec(set: &TenantSet) -> String {
     match set {
         TenantSet::Listed(list) => format!("listed {}", list.join(",")),
