@@ -517,3 +517,69 @@ routes:
     let (reason, ..) = decide("/any", &mint(&shop_key, "other"));
     assert_eq!(reason, Reason::UnknownIssuer);
 }
+
+#[test]
+fn check_config_summary_and_explain_show_the_new_policies() {
+    let loaded = config::parse(
+        r#"issuers:
+  realms:
+    issuer: https://sso.example.com/realms/{tenant}
+    tenants: [shop, billing]
+    jwks_file: /dev/null
+  teams:
+    issuer: https://sso.example.com/orgs/{tenant}
+    tenant_pattern: "^team-[a-z]+$"
+    max_tenants: 7
+    jwks_file: /dev/null
+routes:
+  - name: shop
+    issuers: [realms]
+    tenants: [shop]
+    client_ids: [api]
+    client_id_claims: [aud, azp]
+    allow_cors_preflight: true
+    required_claims: { email_verified: true, groups: [a, b] }
+"#,
+    )
+    .unwrap();
+    let text = audgate::summary::render(std::path::Path::new("audgate.yaml"), &loaded);
+    for expected in [
+        "tenants shop, billing",
+        "tenants matching ^team-[a-z]+$ (keys on first use, at most 7 at once)",
+        "claims email_verified equal to true and groups one of [\"a\", \"b\"]",
+        "; tenants shop",
+        "CORS preflights pass without a token",
+    ] {
+        assert!(text.contains(expected), "summary lacks {expected:?}:\n{text}");
+    }
+    let key = TestKey::rsa("s");
+    let keys = Arc::new(KeySet::parse(jwks(&[&key]).to_string().as_bytes()).unwrap());
+    let token = key.mint(merge(
+        keycloak_claims("https://sso.example.com/realms/shop", "api"),
+        json!({"iat": NOW - 10, "exp": NOW + 300, "email_verified": true, "groups": ["b"]}),
+    ));
+    let request = Request {
+        method: "GET".into(),
+        host: "h".into(),
+        path: "/".into(),
+        route: None,
+        token: Some(token),
+    };
+    let e = explain::explain(
+        &loaded.config.policy,
+        &request,
+        |_| Some(keys.clone()),
+        Signatures::Verify,
+        NOW,
+    );
+    assert_eq!(e.reason, "allowed", "{e:?}");
+    let text = explain::render_text(&e);
+    assert!(
+        text.contains("issuer:     realms, tenant shop (https://sso.example.com/realms/shop)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("groups one of [\"a\", \"b\"]; the token has [\"b\"] -> holds"),
+        "{text}"
+    );
+}
