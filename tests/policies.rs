@@ -583,3 +583,44 @@ routes:
         "{text}"
     );
 }
+
+/// Readiness: a listed tenant whose keys never loaded keeps the instance unready, named with its
+/// issuer; pattern tenants never do.
+#[tokio::test]
+async fn listed_tenants_count_for_readiness_and_pattern_tenants_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = TestKey::rsa("s");
+    std::fs::write(dir.path().join("shop.json"), jwks(&[&key]).to_string()).unwrap();
+    let yaml = format!(
+        r#"issuers:
+  realms:
+    issuer: https://sso.example.com/realms/{{tenant}}
+    tenants: [shop, gone]
+    jwks_file: {dir}/{{tenant}}.json
+  teams:
+    issuer: https://sso.example.com/orgs/{{tenant}}
+    tenant_pattern: "^[a-z]+$"
+    jwks_file: {dir}/{{tenant}}.json
+routes:
+  - name: r
+    client_ids: [api]
+"#,
+        dir = dir.path().display()
+    );
+    let loaded = config::parse(&yaml).unwrap();
+    let (store, fresh) = audgate::jwks::KeyStore::build(&loaded.config, None).unwrap();
+    assert_eq!(fresh.len(), 2, "one cache a listed tenant, none for the pattern");
+    for keys in &fresh {
+        keys.refresh().await;
+    }
+    assert_eq!(store.missing(), ["realms (tenant gone)"]);
+    assert!(store.current_for(0, Some("shop")).is_some());
+    assert!(store.current_for(0, Some("gone")).is_none());
+    assert!(store.current_for(0, None).is_none(), "the template itself has no keys");
+    // a pattern tenant loads on first use (and is then held)
+    assert!(store.current_for(1, Some("shop")).is_none());
+    assert!(store.refetch(1, Some("shop"), 0).await);
+    assert!(store.current_for(1, Some("shop")).is_some());
+    assert_eq!(store.tenants(1).unwrap().held(), 1);
+    assert_eq!(store.missing(), ["realms (tenant gone)"]);
+}
