@@ -83,22 +83,23 @@ pub async fn check_traced<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>, ca
         .as_deref()
         .map(|t| t.start_check(call, input.headers));
     let policy = &snapshot.config.policy;
-    let keys = |id| snapshot.keys.current(id);
+    let keys = |id, tenant: Option<&str>| snapshot.keys.current_for(id, tenant);
     let memo = snapshot.tokens.view(&snapshot.keys);
-    let mut decision = authz::evaluate_with_memo(policy, input, keys, &memo, unix_now());
+    let mut decision = authz::evaluate_tenants(policy, input, keys, &memo, unix_now());
     if let (Reason::UnknownKid | Reason::KeysUnavailable, Some(id)) = (decision.reason, decision.issuer) {
-        let issuer = snapshot.keys.issuer(id);
+        let tenant = decision.tenant.clone();
+        let seen = snapshot.keys.generation_for(id, tenant.as_deref());
         let fetch_span = span
             .as_ref()
             .zip(snapshot.telemetry.as_deref())
             .map(|(s, t)| s.jwks_fetch(t, &snapshot.config.policy.issuers[id].name));
-        let refetch = tokio::time::timeout(REFETCH_WAIT, issuer.refetch_for_unknown_kid(issuer.generation()));
+        let refetch = tokio::time::timeout(REFETCH_WAIT, snapshot.keys.refetch(id, tenant.as_deref(), seen));
         let refetched = refetch.await.unwrap_or(false);
         if let Some(fetch_span) = fetch_span {
             fetch_span.end(refetched);
         }
         if refetched {
-            decision = authz::evaluate_with_memo(policy, input, keys, &memo, unix_now());
+            decision = authz::evaluate_tenants(policy, input, keys, &memo, unix_now());
         }
     }
     let trace_id = span.as_ref().and_then(CheckSpan::trace_id);
@@ -147,6 +148,7 @@ fn log(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>, elapsed: D
         decision = d.verdict.label(),
         reason = d.reason.code(),
         issuer = d.issuer.map_or("", |i| snapshot.config.policy.issuers[i].name.as_str()),
+        tenant = d.tenant.as_deref().unwrap_or(""),
         subject = d.subject().unwrap_or(""),
         client_id = d.client_id.as_deref().unwrap_or(""),
         request_id = input.header("x-request-id").unwrap_or(""),
@@ -156,7 +158,7 @@ fn log(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>, elapsed: D
     if !d.description.is_empty() && tracing::enabled!(target: "audgate::decision", tracing::Level::DEBUG) {
         let policy = &snapshot.config.policy;
         let token = authz::token::extract(&policy.token, input).ok();
-        let keys = d.issuer.and_then(|i| snapshot.keys.current(i));
+        let keys = d.issuer.and_then(|i| snapshot.keys.current_for(i, d.tenant.as_deref()));
         let hints = authz::hint::hints(policy, d, token.as_deref(), keys.as_deref());
         tracing::debug!(
             target: "audgate::decision",

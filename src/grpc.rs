@@ -120,6 +120,7 @@ mod convert {
             ("subject".to_owned(), string(m.subject)),
             ("client_id".to_owned(), string(m.client_id)),
             ("issuer".to_owned(), string(m.issuer)),
+            ("tenant".to_owned(), string(m.tenant)),
         ]);
         let audgate = Value {
             kind: Some(Kind::StructValue(Struct { fields })),
@@ -231,6 +232,7 @@ mod tests {
                 subject: "alice".into(),
                 client_id: String::new(),
                 issuer: "kc".into(),
+                tenant: String::new(),
             },
         };
         let out = convert::check_response(response, authz::TokenRemoval::default());

@@ -4,11 +4,13 @@
 //! The architecture, one module a line:
 //!
 //! - [`authz`]: the pure decision core. Route table, token extraction, JWT parsing and
-//!   verification, claim checks, the reason codes and the plain-data response. No I/O, no
-//!   clock, no wire types: `now` and the issuers' keys are parameters.
+//!   verification, claim checks (`required_claims` in `conditions`), CORS preflights,
+//!   templated issuers' tenants (`tenant`), the reason codes and the plain-data response. No
+//!   I/O, no clock, no wire types: `now` and the issuers' keys are parameters.
 //! - [`config`]: YAML -> validated [`config::Config`], every error with file:line:column.
 //! - [`jwks`]: JWKS parsing (pure), fetching (discovery, URL, file) and the per-issuer cache
-//!   with periodic refresh and rate-limited refetch on an unknown `kid`.
+//!   with periodic refresh and rate-limited refetch on an unknown `kid`; a templated issuer's
+//!   per-tenant caches (bounded, with a fetch budget).
 //! - [`token_cache`]: the verified-token cache (bounded, keyed by a token hash, dropped when
 //!   the issuer's keys change).
 //! - [`check`]: one check end to end: evaluate, refetch keys once when the core asks, log.

@@ -25,7 +25,7 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
     };
     let route = decision.route;
     match decision.reason {
-        Reason::Allowed | Reason::Anonymous => Vec::new(),
+        Reason::Allowed | Reason::Anonymous | Reason::CorsPreflight => Vec::new(),
         Reason::MissingToken => {
             let sources: Vec<String> = policy.token.sources.iter().map(ToString::to_string).collect();
             vec![format!(
@@ -57,6 +57,9 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
             vec![format!(
                 "sign with {allowed} — in Keycloak: Realm settings > Keys, and the client's access token signature algorithm — or add the algorithm to `algorithms`; `none` and HS* are never accepted"
             )]
+        }
+        Reason::UnknownIssuer if claims.is_some_and(|c| tenant_hint(policy, route, c).is_some()) => {
+            claims.and_then(|c| tenant_hint(policy, route, c)).unwrap_or_default()
         }
         Reason::UnknownIssuer => match claims {
             Some(c) => unknown_issuer(policy, route, c),
@@ -96,7 +99,65 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
         Reason::KeysUnavailable => vec![
             "audgate has not loaded this issuer's keys yet: check that the discovery / JWKS URL is reachable from audgate (`audgate doctor`)".to_owned(),
         ],
+        Reason::ClaimMismatch => match (route, claims) {
+            (Some(route), Some(claims)) => claim_mismatch(route, claims),
+            _ => Vec::new(),
+        },
     }
+}
+
+/// `unknown_issuer` for a templated issuer: the tenant is not accepted by the route, or `iss`
+/// has the template's shape but names a tenant the issuer does not accept.
+fn tenant_hint(policy: &Policy, route: Option<&Route>, claims: &Claims) -> Option<Vec<String>> {
+    if let Some((id, Some(tenant))) = policy.resolve_iss(&claims.iss) {
+        let route = route?;
+        return Some(vec![format!(
+            "tenant `{}` of issuer {} is valid, but route {} accepts only the tenants [{}]: add it to the route's `tenants` if its users belong here",
+            jwt::readable(tenant),
+            policy.issuers[id].name,
+            route.name,
+            route.tenants.join(", ")
+        )]);
+    }
+    (0..policy.issuers.len()).find_map(|id| {
+        let template = policy.template(id)?;
+        let issuer = &policy.issuers[id];
+        let (before, after) = issuer.issuer.split_once(super::tenant::PLACEHOLDER)?;
+        let tenant = claims.iss.strip_prefix(before)?.strip_suffix(after)?;
+        let accepted = match &template.tenants {
+            super::tenant::TenantSet::Listed(list) => format!("its `tenants` [{}]", list.join(", ")),
+            super::tenant::TenantSet::Pattern { regex, .. } => format!("its `tenant_pattern` {}", regex.as_str()),
+        };
+        Some(vec![format!(
+            "`{}` has the shape of issuer {} (`{}`), but tenant `{}` is not one of {accepted}: add the tenant there, or get a token from an accepted tenant",
+            jwt::readable(&claims.iss),
+            issuer.name,
+            issuer.issuer,
+            jwt::readable(tenant)
+        )])
+    })
+}
+
+/// `claim_mismatch`: which condition failed and where such a claim comes from in Keycloak.
+fn claim_mismatch(route: &Route, claims: &Claims) -> Vec<String> {
+    let Some(failed) = route.required_claims.iter().find(|c| !c.holds(&claims.payload)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if failed.lookup(&claims.payload).is_none() {
+        out.push(format!(
+            "the token has no claim `{}`: in Keycloak a protocol mapper on the client (or on a client scope assigned to it) puts it in the access token (a User Attribute, Group Membership or Hardcoded claim mapper, with `Add to access token` on); a dotted name reaches nested claims, and a claim whose own name has a dot is matched too",
+            failed.claim
+        ));
+    } else {
+        out.push(format!(
+            "claim `{}` must be {}: change the user's attributes, groups or roles in the issuer so that it is, or widen the route's `required_claims` (a list accepts any of its values, a leading or trailing `*` a suffix or prefix)",
+            failed.claim,
+            failed.requirement()
+        ));
+    }
+    out.push("the token's claims only change when a new token is issued: get a new one after the change".to_owned());
+    out
 }
 
 /// The realm of a Keycloak issuer URL (`.../realms/NAME`).

@@ -115,6 +115,11 @@ pub struct RawIssuer {
     pub min_refresh_interval: Option<S<RawDuration>>,
     pub leeway: Option<S<RawDuration>>,
     pub ca_file: Option<S<String>>,
+    /// A templated issuer (`{tenant}` in `issuer`): the tenants it accepts ...
+    pub tenants: Option<S<Vec<S<String>>>>,
+    /// ... or a pattern for them, with a bound on the tenants whose keys are held.
+    pub tenant_pattern: Option<S<String>>,
+    pub max_tenants: Option<S<u64>>,
 }
 
 /// `30s`, `5m`, `1h 30m` or a number of seconds.
@@ -176,6 +181,12 @@ pub struct RawRoute {
     pub mode: Option<ModeKeyword>,
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// Claim path -> a scalar or a list of scalars (checked in `compile`).
+    pub required_claims: Option<S<IndexMap<String, S<serde_json::Value>>>>,
+    #[serde(default)]
+    pub allow_cors_preflight: bool,
+    /// The tenants of templated issuers this route accepts.
+    pub tenants: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
