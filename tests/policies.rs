@@ -117,7 +117,13 @@ impl Core {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect(),
-            removed: resp.remove_headers.iter().map(|h| h.to_string()).collect(),
+            // the configured names; their `_` spellings are always removed too (tests/authz.rs)
+            removed: resp
+                .remove_headers
+                .iter()
+                .filter(|h| !policy.claim_header_spellings.iter().any(|s| s == *h))
+                .map(|h| h.to_string())
+                .collect(),
             client: resp
                 .client_headers
                 .iter()
