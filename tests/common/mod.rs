@@ -132,14 +132,26 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, release it).
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a child process to listen on.
+///
+/// Taken below Linux's ephemeral range (32768-60999 by default), never from it: a port the
+/// kernel hands out for port 0 is also what it hands to outgoing connections, and under load
+/// one of those (a test's client, Envoy's upstream connection) took a port between this check
+/// and the child's bind ("Address already in use"). Each process starts at its own offset and
+/// counts up, so the ports of one test binary are distinct.
 pub fn free_port() -> u16 {
-    let listener = StdTcpListener::bind("127.0.0.1:0")
-        .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0 to find a free port: {e}"));
-    listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("cannot read the local address of a bound socket: {e}"))
-        .port()
+    const LOW: u32 = 12_000;
+    const SPAN: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = u16::try_from(LOW + offset).expect("below 32,000");
+        if StdTcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on 127.0.0.1 between {LOW} and {}", LOW + SPAN)
 }
 
 /// Reads a log file for a panic message; never fails (a missing file reads as a note).
