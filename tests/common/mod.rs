@@ -2635,3 +2635,10 @@ impl TestProcess {
         self.0.logs()
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Deployment files
+// ---------------------------------------------------------------------------------------------
+
+/// Helpers of the deployment-file tests (validators, `kubernetes-validate`, file helpers).
+pub mod deploy;
