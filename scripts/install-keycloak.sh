@@ -30,10 +30,7 @@ find_java_home() {
 
 if ! command -v mvn >/dev/null 2>&1 || ! find_java_home >/dev/null; then
   echo "installing Maven and OpenJDK 17 (Debian packages maven, openjdk-17-jdk-headless)" >&2
-  SUDO=
-  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
-  $SUDO apt-get update -q
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends maven openjdk-17-jdk-headless
+  scripts/apt-install.sh maven openjdk-17-jdk-headless
 fi
 JAVA_FOR_KEYCLOAK=$(find_java_home) || { echo "install-keycloak: no Java 21 or 17 found" >&2; exit 1; }
 mkdir -p "$DIR"
