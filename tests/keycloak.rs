@@ -43,8 +43,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{
-    Audgate, EchoServer, Envoy, Reply, assert_deny, assert_upstream, audgate_binary, bearer, decode_payload, free_port,
-    get, http_client, random_hex, repo_root,
+    Audgate, EchoServer, Envoy, Reply, assert_deny, assert_upstream, audgate_binary, bearer, decode_payload,
+    form_encode, free_port, get, http_client, jose_header, random_hex, repo_root,
 };
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -475,25 +475,6 @@ impl Realm<'_> {
     }
 }
 
-fn form_encode(pairs: &[(&str, &str)]) -> String {
-    let encode = |s: &str| -> String {
-        s.bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                    char::from(b).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect()
-    };
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
 /// `aud` (a string or an array) names `client`.
 fn aud_has(claims: &Value, client: &str) -> bool {
     match &claims["aud"] {
@@ -501,15 +482,6 @@ fn aud_has(claims: &Value, client: &str) -> bool {
         Value::Array(items) => items.iter().any(|a| a == client),
         _ => false,
     }
-}
-
-fn header_of(token: &str) -> Value {
-    use base64::Engine as _;
-    let part = token.split('.').next().unwrap_or_default();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part)
-        .unwrap_or_else(|e| panic!("token header is not base64url: {e}"));
-    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("token header is not JSON: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -809,7 +781,7 @@ async fn refresh_and_id_tokens_of_a_login_are_wrong_token_type() {
         );
     }
     // Keycloak signs refresh tokens with the realm's HMAC key: still a token type, not an alg
-    assert_eq!(header_of(&tokens.refresh)["alg"], "HS512");
+    assert_eq!(jose_header(&tokens.refresh)["alg"], "HS512");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -920,7 +892,7 @@ async fn the_rsa_oaep_enc_key_is_skipped_and_doctor_says_so() {
         + "routes:\n  - name: shop\n    match: { path_prefix: /api }\n    client_ids: [web-shop]\n    client_id_claims: [aud, azp]\ndefault: deny\n";
     let gate = Gate::start(&config).await;
     let token = realm.user_token("web-shop").await;
-    assert_eq!(header_of(&token)["kid"], sig_kid);
+    assert_eq!(jose_header(&token)["kid"], sig_kid);
     let reply = gate.get("/api/cart", &token).await;
     assert_upstream(
         &reply,
@@ -986,7 +958,7 @@ async fn key_rotation_with_kcadm_one_refetch_then_the_removed_key_stops_at_the_n
     ) + "routes:\n  - name: shop\n    match: { path_prefix: /api }\n    client_ids: [web-shop]\n    client_id_claims: [aud, azp]\ndefault: deny\n";
     let gate = Gate::start(&config).await;
     let old_token = realm.user_token("web-shop").await;
-    let old_kid = header_of(&old_token)["kid"].as_str().unwrap_or_default().to_owned();
+    let old_kid = jose_header(&old_token)["kid"].as_str().unwrap_or_default().to_owned();
     let reply = gate.get("/api/cart", &old_token).await;
     assert_upstream(&reply, &[], "the token of the first key");
 
@@ -1011,7 +983,7 @@ async fn key_rotation_with_kcadm_one_refetch_then_the_removed_key_stops_at_the_n
         "config.keySize=[\"2048\"]",
     ]);
     let new_token = realm.user_token("web-shop").await;
-    let new_kid = header_of(&new_token)["kid"].as_str().unwrap_or_default().to_owned();
+    let new_kid = jose_header(&new_token)["kid"].as_str().unwrap_or_default().to_owned();
     assert_ne!(new_kid, old_kid, "the new provider signs new tokens");
 
     let before = gate.audgate.logs();
@@ -1189,7 +1161,7 @@ default: deny
 
     // RFC 9068: header typ at+jwt; alice's client role puts web-shop in aud (Audience Resolve)
     let token = realm.user_token("web-shop-rfc9068").await;
-    assert_eq!(header_of(&token)["typ"], "at+jwt");
+    assert_eq!(jose_header(&token)["typ"], "at+jwt");
     let reply = gate.get("/api/shop/cart", &token).await;
     assert_upstream(
         &reply,

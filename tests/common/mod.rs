@@ -2642,3 +2642,38 @@ impl TestProcess {
 
 /// Helpers of the deployment-file tests (validators, `kubernetes-validate`, file helpers).
 pub mod deploy;
+
+// ---------------------------------------------------------------------------------------------
+// Talking to real identity providers (tests/keycloak.rs, tests/oidc_provider.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// `application/x-www-form-urlencoded` (every byte but the unreserved ones percent-encoded),
+/// for token requests.
+pub fn form_encode(pairs: &[(&str, &str)]) -> String {
+    let encode = |s: &str| -> String {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    };
+    pairs
+        .iter()
+        .map(|(name, value)| format!("{}={}", encode(name), encode(value)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The decoded JOSE header of a compact JWS an identity provider issued; panics when it is
+/// not base64url JSON.
+pub fn jose_header(token: &str) -> Value {
+    let header = token.split('.').next().unwrap_or_default();
+    let bytes = URL_SAFE_NO_PAD
+        .decode(header)
+        .unwrap_or_else(|e| panic!("the token header is not base64url: {e}"));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("the token header is not JSON: {e}"))
+}
