@@ -21,12 +21,14 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::deploy::{
-    VALIDATORS_HINT, check_config, check_links, files_under, kubectl, labels_match, read, run, tool, venv_bin,
+    VALIDATORS_HINT, check_config, check_links, check_probes, check_restricted_pod, check_service_monitor_fields,
+    check_services, config_mount, container_args, container_ports, files_under, kubectl, labels_match, read, run, tool,
+    venv_bin,
 };
 use common::{
     Audgate, EchoServer, Envoy, EnvoyPorts, IssuerServer, Reply, TestKey, find_object, free_port, keycloak_claims,
@@ -256,27 +258,10 @@ fn check_manifest_set(objects: &[Value], what: &str) {
 
     // Security: the restricted Pod Security Standard.
     let pod_spec = &pod["spec"];
-    assert_eq!(pod_spec["automountServiceAccountToken"], false, "{what}");
-    assert_eq!(pod_spec["securityContext"]["runAsNonRoot"], true, "{what}");
-    assert!(
-        pod_spec["securityContext"]["runAsUser"]
-            .as_u64()
-            .is_some_and(|u| u != 0),
-        "{what}"
-    );
-    assert_eq!(
-        pod_spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
-        "{what}"
-    );
-    let sa = pod_spec["serviceAccountName"].as_str().expect("a service account");
-    find_object(objects, "ServiceAccount", sa);
     let containers = pod_spec["containers"].as_array().expect("containers");
     assert_eq!(containers.len(), 1, "{what}: one container");
     let container = &containers[0];
-    let sc = &container["securityContext"];
-    assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
-    assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
-    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{what}");
+    check_restricted_pod(objects, pod_spec, container, what);
     for (kind, resource) in [("requests", "cpu"), ("requests", "memory"), ("limits", "memory")] {
         assert!(
             container["resources"][kind][resource].is_string(),
@@ -285,22 +270,8 @@ fn check_manifest_set(objects: &[Value], what: &str) {
     }
 
     // Ports, probes.
-    let ports: BTreeMap<String, u64> = container["ports"]
-        .as_array()
-        .expect("container ports")
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().expect("named ports").to_owned(),
-                p["containerPort"].as_u64().expect("a port number"),
-            )
-        })
-        .collect();
-    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
-        let get = &container[probe]["httpGet"];
-        assert_eq!(get["path"], path, "{what}: {probe}");
-        assert_eq!(get["port"], "admin", "{what}: {probe} on the admin port");
-    }
+    let ports = container_ports(container);
+    check_probes(container, what);
     assert!(
         container["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().is_some(),
         "{what}: preStop sleep"
@@ -308,34 +279,12 @@ fn check_manifest_set(objects: &[Value], what: &str) {
 
     // The config: --config PATH is the ConfigMap mounted as a directory (no subPath, so
     // updates reach the file), and its listeners are the container ports.
-    let args: Vec<&str> = container["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    let config_path = args
-        .iter()
-        .position(|a| *a == "--config")
-        .and_then(|i| args.get(i + 1))
-        .expect("--config PATH in args");
-    let (config_dir, config_file) = config_path.rsplit_once('/').expect("an absolute config path");
-    let mount = container["volumeMounts"]
-        .as_array()
-        .expect("volume mounts")
-        .iter()
-        .find(|m| m["mountPath"] == config_dir)
-        .unwrap_or_else(|| panic!("{what}: nothing mounted at {config_dir}"));
+    let args = container_args(container);
+    let ((_, config_file), mount, volume) = config_mount(pod_spec, container, &args, what);
     assert!(
         mount.get("subPath").is_none(),
         "{what}: a subPath mount never sees ConfigMap updates"
     );
-    let volume = pod_spec["volumes"]
-        .as_array()
-        .expect("volumes")
-        .iter()
-        .find(|v| v["name"] == mount["name"])
-        .expect("the mounted volume");
     let configmap_name = volume["configMap"]["name"].as_str().expect("a ConfigMap volume");
     let configmap = find_object(objects, "ConfigMap", configmap_name);
     let config_text = configmap["data"][config_file]
@@ -351,21 +300,8 @@ fn check_manifest_set(objects: &[Value], what: &str) {
     }
 
     // Services: select the pods, target named container ports; `grpc` is 9191.
-    let services: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "Service").collect();
+    let services = check_services(objects, pod_labels, &ports, what);
     assert!(!services.is_empty(), "{what}: no Service");
-    for service in &services {
-        assert!(
-            labels_match(&service["spec"]["selector"], pod_labels),
-            "{what}: Service selector"
-        );
-        for port in service["spec"]["ports"].as_array().expect("service ports") {
-            let target = port["targetPort"].as_str().expect("named target ports");
-            assert!(
-                ports.contains_key(target),
-                "{what}: targetPort {target} is no container port"
-            );
-        }
-    }
     let main = find_object(objects, "Service", "audgate");
     let grpc = main["spec"]["ports"]
         .as_array()
@@ -452,50 +388,18 @@ fn check_manifest_set(objects: &[Value], what: &str) {
 }
 
 fn check_service_monitor(monitor: &Value, what: &str) {
-    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1", "{what}");
+    let endpoints = check_service_monitor_fields(monitor, what);
     assert!(monitor["metadata"]["name"].is_string(), "{what}: ServiceMonitor name");
-    let spec = monitor["spec"].as_object().expect("ServiceMonitor spec");
-    for key in spec.keys() {
-        assert!(
-            [
-                "selector",
-                "endpoints",
-                "namespaceSelector",
-                "jobLabel",
-                "targetLabels",
-                "podTargetLabels"
-            ]
-            .contains(&key.as_str()),
-            "{what}: unknown ServiceMonitor field spec.{key}"
-        );
-    }
     assert!(
-        spec["selector"]["matchLabels"].is_object(),
+        monitor["spec"]["selector"]["matchLabels"].is_object(),
         "{what}: spec.selector.matchLabels"
     );
-    let endpoints = spec["endpoints"].as_array().expect("spec.endpoints");
     assert!(!endpoints.is_empty(), "{what}: no endpoints");
     for endpoint in endpoints {
-        for key in endpoint.as_object().expect("an endpoint").keys() {
-            assert!(
-                [
-                    "port",
-                    "path",
-                    "interval",
-                    "scrapeTimeout",
-                    "scheme",
-                    "honorLabels",
-                    "relabelings"
-                ]
-                .contains(&key.as_str()),
-                "{what}: unknown ServiceMonitor endpoint field {key}"
-            );
-        }
         assert!(
             endpoint["port"].is_string(),
             "{what}: endpoints[].port (a Service port name)"
         );
-        assert_eq!(endpoint["path"], "/metrics", "{what}");
     }
 }
 

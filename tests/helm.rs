@@ -23,7 +23,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use common::deploy::{Output, files_under, kubectl, labels_match, read, tool};
+use common::deploy::{
+    Output, check_probes, check_restricted_pod, check_service_monitor_fields, check_services, config_mount,
+    container_args, container_ports, files_under, kubectl, labels_match, read, tool,
+};
 use common::{find_object, repo_root, yaml_documents_str};
 use serde_json::{Value, json};
 
@@ -206,64 +209,21 @@ fn check_render(objects: &[Value], what: &str) {
     }
 
     let pod_spec = &pod["spec"];
-    assert_eq!(pod_spec["automountServiceAccountToken"], false, "{what}");
-    assert_eq!(pod_spec["securityContext"]["runAsNonRoot"], true, "{what}");
-    assert!(
-        pod_spec["securityContext"]["runAsUser"]
-            .as_u64()
-            .is_some_and(|u| u != 0),
-        "{what}"
-    );
-    assert_eq!(
-        pod_spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
-        "{what}"
-    );
-    let sa = pod_spec["serviceAccountName"].as_str().expect("a service account");
-    let account = find_object(objects, "ServiceAccount", sa);
-    assert_eq!(account["automountServiceAccountToken"], false, "{what}");
     let c = container(objects);
-    let sc = &c["securityContext"];
-    assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
-    assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
-    assert_eq!(sc["runAsNonRoot"], true, "{what}");
-    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{what}");
-    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
-        assert_eq!(c[probe]["httpGet"]["path"], path, "{what}: {probe}");
-        assert_eq!(
-            c[probe]["httpGet"]["port"], "admin",
-            "{what}: {probe} on the admin port"
-        );
-    }
+    let account = check_restricted_pod(objects, pod_spec, c, what);
+    assert_eq!(account["automountServiceAccountToken"], false, "{what}");
+    assert_eq!(c["securityContext"]["runAsNonRoot"], true, "{what}");
+    check_probes(c, what);
 
     // The config: --config PATH is in a volume mounted as a directory (no subPath).
-    let args: Vec<&str> = c["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let args = container_args(c);
     assert_eq!(args.first(), Some(&"serve"), "{what}: args");
-    let config_path = args
-        .iter()
-        .position(|a| *a == "--config")
-        .and_then(|i| args.get(i + 1))
-        .expect("--config PATH in args");
-    let (config_dir, config_file) = config_path.rsplit_once('/').expect("an absolute path");
+    let ((config_dir, config_file), _, volume) = config_mount(pod_spec, c, &args, what);
     let mounts = c["volumeMounts"].as_array().expect("volume mounts");
     assert!(
         mounts.iter().all(|m| m.get("subPath").is_none()),
         "{what}: a subPath mount never sees updates"
     );
-    let mount = mounts
-        .iter()
-        .find(|m| m["mountPath"] == config_dir)
-        .unwrap_or_else(|| panic!("{what}: nothing mounted at {config_dir}"));
-    let volume = pod_spec["volumes"]
-        .as_array()
-        .expect("volumes")
-        .iter()
-        .find(|v| v["name"] == mount["name"])
-        .expect("the mounted volume");
     // Projected: path in the volume -> (kind, object name, key).
     let mut files = std::collections::BTreeMap::new();
     for source in volume["projected"]["sources"].as_array().expect("a projected volume") {
@@ -291,19 +251,9 @@ fn check_render(objects: &[Value], what: &str) {
     let config = &yaml_documents_str(config_text, "the rendered config")[0];
 
     // Listeners = container ports = Service target ports.
-    let ports: Vec<(String, u64)> = c["ports"]
-        .as_array()
-        .expect("ports")
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().expect("named").to_owned(),
-                p["containerPort"].as_u64().expect("a number"),
-            )
-        })
-        .collect();
+    let ports = container_ports(c);
     for name in ["grpc", "http", "admin"] {
-        let port = ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
+        let port = ports.get(name).copied();
         let listen = config["listen"][name].as_str().unwrap_or_default();
         assert_eq!(
             Some(
@@ -317,16 +267,7 @@ fn check_render(objects: &[Value], what: &str) {
             "{what}: containerPort {name} vs listen.{name} = {listen:?}"
         );
     }
-    for service in objects.iter().filter(|o| o["kind"] == "Service") {
-        assert!(
-            labels_match(&service["spec"]["selector"], pod_labels),
-            "{what}: Service selector"
-        );
-        for port in service["spec"]["ports"].as_array().expect("ports") {
-            let target = port["targetPort"].as_str().expect("named target ports");
-            assert!(ports.iter().any(|(n, _)| n == target), "{what}: targetPort {target}");
-        }
-    }
+    check_services(objects, pod_labels, &ports, what);
 
     // TLS: every file listen.tls names is in the volume, from a Secret's key of that name.
     if let Some(tls) = config["listen"]["tls"].as_object() {
@@ -393,47 +334,16 @@ fn check_render(objects: &[Value], what: &str) {
 
 fn check_service_monitor(objects: &[Value], what: &str) {
     let monitor = find_object(objects, "ServiceMonitor", "audgate");
-    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1", "{what}");
-    let spec = monitor["spec"].as_object().expect("spec");
-    for key in spec.keys() {
-        assert!(
-            [
-                "selector",
-                "endpoints",
-                "namespaceSelector",
-                "jobLabel",
-                "targetLabels",
-                "podTargetLabels"
-            ]
-            .contains(&key.as_str()),
-            "{what}: unknown ServiceMonitor field spec.{key}"
-        );
-    }
+    let endpoints = check_service_monitor_fields(monitor, what);
+    let spec = &monitor["spec"];
     for key in spec["selector"].as_object().expect("selector").keys() {
         assert!(
             ["matchLabels", "matchExpressions"].contains(&key.as_str()),
             "{what}: selector.{key}"
         );
     }
-    let endpoints = spec["endpoints"].as_array().expect("endpoints");
     assert_eq!(endpoints.len(), 1, "{what}");
     let endpoint = &endpoints[0];
-    for key in endpoint.as_object().expect("an endpoint").keys() {
-        assert!(
-            [
-                "port",
-                "path",
-                "interval",
-                "scrapeTimeout",
-                "scheme",
-                "honorLabels",
-                "relabelings"
-            ]
-            .contains(&key.as_str()),
-            "{what}: unknown endpoint field {key}"
-        );
-    }
-    assert_eq!(endpoint["path"], "/metrics", "{what}");
     // The job label the alerts select (job="audgate") comes from the Service's label.
     let job_label = spec["jobLabel"].as_str().expect("jobLabel");
     // Exactly one Service matches the selector and has the scraped port (each pod once).

@@ -207,3 +207,157 @@ pub fn check_links(file: &str, markdown: &str) -> usize {
     }
     count
 }
+
+/// The restricted Pod Security Standard on audgate's pod: no service-account token, non-root
+/// with a non-zero user, the runtime's seccomp profile, a ServiceAccount that exists among
+/// `objects`, and a container without privilege escalation, with a read-only root filesystem
+/// and no capabilities. Returns the ServiceAccount.
+pub fn check_restricted_pod<'a>(objects: &'a [Value], pod_spec: &Value, container: &Value, what: &str) -> &'a Value {
+    assert_eq!(pod_spec["automountServiceAccountToken"], false, "{what}");
+    assert_eq!(pod_spec["securityContext"]["runAsNonRoot"], true, "{what}");
+    assert!(
+        pod_spec["securityContext"]["runAsUser"]
+            .as_u64()
+            .is_some_and(|u| u != 0),
+        "{what}"
+    );
+    assert_eq!(
+        pod_spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+        "{what}"
+    );
+    let sa = pod_spec["serviceAccountName"].as_str().expect("a service account");
+    let account = super::find_object(objects, "ServiceAccount", sa);
+    let sc = &container["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
+    assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]), "{what}");
+    account
+}
+
+/// Liveness probes `/healthz` and readiness probes `/readyz`, both on the `admin` port.
+pub fn check_probes(container: &Value, what: &str) {
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = &container[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{what}: {probe}");
+        assert_eq!(get["port"], "admin", "{what}: {probe} on the admin port");
+    }
+}
+
+/// The container's `args`.
+pub fn container_args(container: &Value) -> Vec<&str> {
+    container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+/// Where `--config PATH` in `args` points: (the directory, the file name in it), the volume
+/// mount at that directory, and the pod's volume that mount names.
+pub fn config_mount<'a>(
+    pod_spec: &'a Value,
+    container: &'a Value,
+    args: &[&'a str],
+    what: &str,
+) -> ((&'a str, &'a str), &'a Value, &'a Value) {
+    let config_path = args
+        .iter()
+        .position(|a| *a == "--config")
+        .and_then(|i| args.get(i + 1))
+        .expect("--config PATH in args");
+    let (config_dir, config_file) = config_path.rsplit_once('/').expect("an absolute config path");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .expect("volume mounts")
+        .iter()
+        .find(|m| m["mountPath"] == config_dir)
+        .unwrap_or_else(|| panic!("{what}: nothing mounted at {config_dir}"));
+    let volume = pod_spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mounted volume");
+    ((config_dir, config_file), mount, volume)
+}
+
+/// The container's ports: name -> containerPort.
+pub fn container_ports(container: &Value) -> std::collections::BTreeMap<String, u64> {
+    container["ports"]
+        .as_array()
+        .expect("container ports")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().expect("named ports").to_owned(),
+                p["containerPort"].as_u64().expect("a port number"),
+            )
+        })
+        .collect()
+}
+
+/// Every Service selects the pod and targets named container ports; returns the Services.
+pub fn check_services<'a>(
+    objects: &'a [Value],
+    pod_labels: &Value,
+    ports: &std::collections::BTreeMap<String, u64>,
+    what: &str,
+) -> Vec<&'a Value> {
+    let services: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "Service").collect();
+    for service in &services {
+        assert!(
+            labels_match(&service["spec"]["selector"], pod_labels),
+            "{what}: Service selector"
+        );
+        for port in service["spec"]["ports"].as_array().expect("service ports") {
+            let target = port["targetPort"].as_str().expect("named target ports");
+            assert!(
+                ports.contains_key(target),
+                "{what}: targetPort {target} is no container port"
+            );
+        }
+    }
+    services
+}
+
+/// A ServiceMonitor of monitoring.coreos.com/v1 with only the `spec` and endpoint fields this
+/// project uses, each endpoint scraping `/metrics`. Returns the endpoints.
+pub fn check_service_monitor_fields<'a>(monitor: &'a Value, what: &str) -> &'a Vec<Value> {
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1", "{what}");
+    let spec = monitor["spec"].as_object().expect("ServiceMonitor spec");
+    for key in spec.keys() {
+        assert!(
+            [
+                "selector",
+                "endpoints",
+                "namespaceSelector",
+                "jobLabel",
+                "targetLabels",
+                "podTargetLabels"
+            ]
+            .contains(&key.as_str()),
+            "{what}: unknown ServiceMonitor field spec.{key}"
+        );
+    }
+    let endpoints = spec["endpoints"].as_array().expect("spec.endpoints");
+    for endpoint in endpoints {
+        for key in endpoint.as_object().expect("an endpoint").keys() {
+            assert!(
+                [
+                    "port",
+                    "path",
+                    "interval",
+                    "scrapeTimeout",
+                    "scheme",
+                    "honorLabels",
+                    "relabelings"
+                ]
+                .contains(&key.as_str()),
+                "{what}: unknown ServiceMonitor endpoint field {key}"
+            );
+        }
+        assert_eq!(endpoint["path"], "/metrics", "{what}");
+    }
+    endpoints
+}
