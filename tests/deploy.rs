@@ -23,7 +23,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::deploy::{
     VALIDATORS_HINT, check_config, check_links, check_probes, check_restricted_pod, check_service_monitor_fields,
@@ -790,36 +790,6 @@ impl EnvoyRun {
         common::send(&self.client, "GET", &format!("{}{path}", self.envoy.url()), &all).await
     }
 
-    async fn stat(&self, name: &str) -> Option<u64> {
-        let reply = common::try_send(&self.client, "GET", &format!("{}/stats", self.envoy.admin_url()), &[])
-            .await
-            .ok()?;
-        reply.body.lines().find_map(|line| {
-            let (key, value) = line.split_once(": ")?;
-            if key == name { value.trim().parse().ok() } else { None }
-        })
-    }
-
-    /// Waits until one of the cluster's active health checks has succeeded (audgate is ready
-    /// before Envoy starts, so a check that never succeeds asks the wrong thing).
-    async fn wait_health_checks(&self, cluster: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let success = self.stat(&format!("cluster.{cluster}.health_check.success")).await;
-            let failure = self.stat(&format!("cluster.{cluster}.health_check.failure")).await;
-            if success.is_some_and(|s| s > 0) {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{cluster}: no successful active health check (success {success:?}, failure {failure:?})\n{}",
-                    self.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
     fn logs(&self) -> String {
         format!("{}\n{}", self.audgate.logs(), self.envoy.logs())
     }
@@ -867,7 +837,9 @@ async fn deploy_envoy_front_proxy_runs_with_the_base_config() {
         )
     })
     .await;
-    run.wait_health_checks("audgate").await;
+    run.envoy
+        .wait_health_check_success("audgate", Duration::from_secs(15), || run.logs())
+        .await;
     let iss = run.issuer.issuer_url();
 
     let token = orders_token(&key, &iss);
@@ -900,15 +872,13 @@ async fn deploy_envoy_front_proxy_runs_with_the_base_config() {
     assert_eq!(run.audgate.metrics().await.sum("audgate_checks_total", &[]), before);
 
     // The access log carries audgate's decision from the dynamic metadata.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !run.envoy.logs().contains("audgate_route=orders reason=allowed") {
-        assert!(
-            Instant::now() < deadline,
-            "no decision in the access log\n{}",
-            run.envoy.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for_log(
+        "no decision in the access log",
+        Duration::from_secs(5),
+        || run.envoy.logs(),
+        |logs| logs.contains("audgate_route=orders reason=allowed"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -947,7 +917,9 @@ async fn deploy_envoy_http_service_runs_with_the_base_config() {
         )
     })
     .await;
-    run.wait_health_checks("audgate_http").await;
+    run.envoy
+        .wait_health_check_success("audgate_http", Duration::from_secs(15), || run.logs())
+        .await;
     let iss = run.issuer.issuer_url();
 
     // Allowed: the claim headers reach the app, a forged one audgate does not set is removed.

@@ -354,15 +354,13 @@ async fn checks_pass_over_mtls_through_envoy_and_a_rotation_drops_none() {
 
     // 3. A broken certificate file: logged, and the certificate in use stays.
     std::fs::write(run.pki.path("tls.crt"), "not a certificate\n").expect("write");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !run.audgate.logs().contains("the certificate in use stays in use") {
-        assert!(
-            Instant::now() < deadline,
-            "no error for the broken file\n{}",
-            run.audgate.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for_log(
+        "no error for the broken file",
+        Duration::from_secs(10),
+        || run.audgate.logs(),
+        |logs| logs.contains("the certificate in use stays in use"),
+    )
+    .await;
     assert_eq!(
         run.presented_certificate().await,
         third,
@@ -541,11 +539,7 @@ fn check_config_summarises_tls_and_tracing() {
         ),
     )
     .expect("write");
-    let output = std::process::Command::new(common::audgate_binary())
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run audgate");
+    let output = check_config(&config);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -575,11 +569,7 @@ fn check_config_summarises_tls_and_tracing() {
         ("  otlp_endpoint: otel:4317\n", "is not an OTLP/gRPC address"),
     ] {
         std::fs::write(&config, format!("tracing:\n{bad}{}", config_text())).expect("write");
-        let output = std::process::Command::new(common::audgate_binary())
-            .args(["check-config", "--config"])
-            .arg(&config)
-            .output()
-            .expect("run audgate");
+        let output = check_config(&config);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{bad}: {stderr}");
         assert!(stderr.contains(":2:") && stderr.contains(expected), "{bad}: {stderr}");
@@ -598,17 +588,22 @@ fn check_config_explains_tls_settings_errors() {
         ),
     )
     .expect("write");
-    let output = std::process::Command::new(common::audgate_binary())
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run audgate");
+    let output = check_config(&config);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(":5:") && stderr.contains("client_sans needs listen.tls.client_ca_file"),
         "{stderr}"
     );
+}
+
+/// `audgate check-config --config PATH`, run to completion.
+fn check_config(config: &Path) -> std::process::Output {
+    std::process::Command::new(common::audgate_binary())
+        .args(["check-config", "--config"])
+        .arg(config)
+        .output()
+        .expect("run audgate")
 }
 
 fn config_text() -> String {
@@ -682,25 +677,11 @@ async fn deploy_envoy_tls_runs_against_audgate_over_mtls() {
 
     // Envoy's gRPC health checks over mTLS succeed ...
     let client = common::http_client();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let stats = common::send(&client, "GET", &format!("{}/stats", envoy.admin_url()), &[]).await;
-        if stats
-            .body
-            .lines()
-            .any(|l| l.starts_with("cluster.audgate.health_check.success: ") && !l.ends_with(": 0"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no successful health check over mTLS\n{}\n{}\n{}",
-            stats.body,
-            audgate.logs(),
-            envoy.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    envoy
+        .wait_health_check_success("audgate", Duration::from_secs(15), || {
+            format!("{}\n{}", audgate.logs(), envoy.logs())
+        })
+        .await;
     // ... and a check over it decides.
     let token = key.mint(keycloak_claims(&issuer.issuer_url(), "my-app"));
     let auth = common::bearer(&token);

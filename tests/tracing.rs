@@ -265,17 +265,16 @@ async fn the_check_span_is_a_child_of_envoys_span_and_a_jwks_refetch_of_the_chec
     );
 
     // The decision log line carries the trace id.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !audgate.logs().contains(&format!("trace_id={}", check.trace_id))
-        && !audgate.logs().contains(&format!("trace_id=\"{}\"", check.trace_id))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no trace id in the decision log\n{}",
-            audgate.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for_log(
+        "no trace id in the decision log",
+        Duration::from_secs(5),
+        || audgate.logs(),
+        |logs| {
+            logs.contains(&format!("trace_id={}", check.trace_id))
+                || logs.contains(&format!("trace_id=\"{}\"", check.trace_id))
+        },
+    )
+    .await;
 
     // A token signed with a key the issuer only now publishes: the check waits for a JWKS
     // refetch, which is a child span of the check.
@@ -469,11 +468,13 @@ async fn without_a_tracing_section_there_is_no_trace_id_and_no_span_metric() {
     )
     .await;
     assert_eq!(reply.status, 401);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !audgate.logs().contains("reason=\"missing_token\"") {
-        assert!(Instant::now() < deadline, "{}", audgate.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_for_log(
+        "no decision line for the check",
+        Duration::from_secs(5),
+        || audgate.logs(),
+        |logs| logs.contains("reason=\"missing_token\""),
+    )
+    .await;
     assert!(!audgate.logs().contains("trace_id"), "{}", audgate.logs());
     assert!(
         audgate

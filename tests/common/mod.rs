@@ -2677,3 +2677,55 @@ pub fn jose_header(token: &str) -> Value {
         .unwrap_or_else(|e| panic!("the token header is not base64url: {e}"));
     serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("the token header is not JSON: {e}"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Waiting on Envoy's counters and on log lines
+// ---------------------------------------------------------------------------------------------
+
+impl Envoy {
+    /// The counter or gauge `name` from the admin interface's `/stats`; `None` while the admin
+    /// port does not answer or before the stat exists.
+    pub async fn stat(&self, name: &str) -> Option<u64> {
+        let reply = try_send(&http_client(), "GET", &format!("{}/stats", self.admin_url()), &[])
+            .await
+            .ok()?;
+        reply.body.lines().find_map(|line| {
+            let (key, value) = line.split_once(": ")?;
+            if key == name { value.trim().parse().ok() } else { None }
+        })
+    }
+
+    /// Waits until one of `cluster`'s active health checks has succeeded (audgate is ready
+    /// before Envoy starts, so a check that never succeeds asks the wrong thing); after
+    /// `timeout` panics with the counters and `logs()`.
+    pub async fn wait_health_check_success(&self, cluster: &str, timeout: Duration, logs: impl Fn() -> String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let success = self.stat(&format!("cluster.{cluster}.health_check.success")).await;
+            let failure = self.stat(&format!("cluster.{cluster}.health_check.failure")).await;
+            if success.is_some_and(|s| s > 0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{cluster}: no successful active health check (success {success:?}, failure {failure:?})\n{}",
+                logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Polls `logs` every 50 ms until `found` holds for them; after `timeout` panics with `what`
+/// and the logs.
+pub async fn wait_for_log(what: &str, timeout: Duration, logs: impl Fn() -> String, found: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = logs();
+        if found(&text) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
