@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use common::deploy::{
     VALIDATORS_HINT, check_config, check_links, check_probes, check_restricted_pod, check_service_monitor_fields,
-    check_services, config_mount, container_args, container_ports, files_under, kubectl, labels_match, read, run, tool,
-    venv_bin,
+    check_services, config_mount, container_args, container_ports, kubectl, labels_match, read, relative_files, run,
+    tool, venv_bin,
 };
 use common::{
     Audgate, EchoServer, Envoy, EnvoyPorts, IssuerServer, Reply, TestKey, find_object, free_port, keycloak_claims,
@@ -1353,11 +1353,8 @@ const CHECKED_ELSEWHERE: [(&str, &str); 2] = [
 #[test]
 fn every_deploy_file_is_checked() {
     let root = repo_root();
-    let mut found = Vec::new();
-    files_under(&root.join("deploy"), &mut found);
-    let found: BTreeSet<String> = found
-        .iter()
-        .map(|p| p.strip_prefix(&root).expect("under the repo").display().to_string())
+    let found: BTreeSet<String> = relative_files(&root, &root.join("deploy"))
+        .into_iter()
         .filter(|p| !CHECKED_ELSEWHERE.iter().any(|(dir, _)| p.starts_with(dir)))
         .collect();
     let listed: BTreeSet<String> = DEPLOY_FILES.iter().map(|(f, _)| (*f).to_owned()).collect();

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use common::deploy::{
     Output, check_probes, check_restricted_pod, check_service_monitor_fields, check_services, config_mount,
-    container_args, container_ports, files_under, kubectl, labels_match, read, tool,
+    container_args, container_ports, kubectl, labels_match, read, relative_files, tool,
 };
 use common::{find_object, repo_root, yaml_documents_str};
 use serde_json::{Value, json};
@@ -749,12 +749,7 @@ fn chart_files_are_the_observability_files() {
 #[test]
 fn every_chart_file_is_checked() {
     let root = repo_root().join(CHART);
-    let mut found = Vec::new();
-    files_under(&root, &mut found);
-    let found: BTreeSet<String> = found
-        .iter()
-        .map(|p| p.strip_prefix(&root).expect("under the chart").display().to_string())
-        .collect();
+    let found = relative_files(&root, &root);
     let listed: BTreeSet<String> = CHART_FILES.iter().map(|(f, _)| (*f).to_owned()).collect();
     assert_eq!(found, listed, "CHART_FILES must list exactly the chart's files");
 }

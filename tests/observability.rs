@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::deploy::{check_links, files_under, read, run};
+use common::deploy::{check_links, read, relative_files, run};
 use common::{
     Audgate, CheckCall, IssuerServer, Prometheus, TestKey, keycloak_claims, merge, repo_root, yaml_documents_str,
 };
@@ -488,12 +488,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
 #[test]
 fn every_observability_file_is_checked() {
     let root = repo_root().join(DIR);
-    let mut found = Vec::new();
-    files_under(&root, &mut found);
-    let found: BTreeSet<String> = found
-        .iter()
-        .map(|p| p.strip_prefix(&root).expect("under the dir").display().to_string())
-        .collect();
+    let found = relative_files(&root, &root);
     let listed: BTreeSet<String> = FILES.iter().map(|(f, _)| (*f).to_owned()).collect();
     assert_eq!(found, listed, "FILES must list exactly the files of {DIR}");
 }

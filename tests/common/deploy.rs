@@ -361,3 +361,19 @@ pub fn check_service_monitor_fields<'a>(monitor: &'a Value, what: &str) -> &'a V
     }
     endpoints
 }
+
+/// Every file below `dir` (see [`files_under`]), as its path relative to `base` (which `dir`
+/// is in).
+pub fn relative_files(base: &Path, dir: &Path) -> std::collections::BTreeSet<String> {
+    let mut found = Vec::new();
+    files_under(dir, &mut found);
+    found
+        .iter()
+        .map(|p| {
+            p.strip_prefix(base)
+                .unwrap_or_else(|_| panic!("{} is not under {}", p.display(), base.display()))
+                .display()
+                .to_string()
+        })
+        .collect()
+}
