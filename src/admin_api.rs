@@ -77,10 +77,21 @@ impl Admin for AdminService {
             Signatures::Verify
         };
         let now = if r.at == 0 { crate::check::unix_now() } else { r.at };
+        // the tenant of a templated issuer, from the token's iss: its keys decide
+        let policy = &snapshot.config.policy;
+        let tenant = req
+            .token
+            .as_deref()
+            .and_then(|t| crate::authz::jwt::parse(t).ok())
+            .and_then(|p| {
+                policy
+                    .resolve_iss(&p.claims.iss)
+                    .and_then(|(_, t)| t.map(str::to_owned))
+            });
         let e = explain::explain(
-            &snapshot.config.policy,
+            policy,
             &req,
-            |id| snapshot.keys.current(id),
+            |id| snapshot.keys.current_for(id, tenant.as_deref()),
             signatures,
             now,
         );

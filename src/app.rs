@@ -19,6 +19,8 @@ use crate::config::{self, Config};
 use crate::grpc::AuthorizationService;
 use crate::jwks::KeyStore;
 use crate::serve::{self, Limits};
+use crate::telemetry::Telemetry;
+use crate::tls::{self, Tls};
 use crate::{admin, admin_api, http, metrics, reload};
 
 /// How long in-flight checks get to finish after SIGTERM before the process exits anyway.
@@ -80,7 +82,13 @@ impl State {
         let current = self.snapshot();
         if config.listen != current.config.listen || config.admin_explain != current.config.admin_explain {
             tracing::warn!(
-                "listen addresses or admin.explain changed in {}: they take effect after a restart",
+                "listen addresses, listen.tls or admin.explain changed in {}: they take effect after a restart",
+                self.config_path.display()
+            );
+        }
+        if config.tracing != current.config.tracing {
+            tracing::warn!(
+                "tracing changed in {}: it takes effect after a restart",
                 self.config_path.display()
             );
         }
@@ -98,7 +106,8 @@ impl State {
         KeyStore::spawn_refresh(fresh);
         metrics::set_config_info(Some(&current.config.hash), &config.hash);
         tracing::info!(hash = %config.hash, "config loaded");
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot::new(config, keys));
+        let snapshot = Snapshot::new(config, keys).with_telemetry(current.telemetry.clone());
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
         Ok(())
     }
 }
@@ -163,12 +172,29 @@ pub async fn run(
     metrics_handle: PrometheusHandle,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    // bad certificate files stop audgate here, before anything listens
+    let tls = match &config.listen.tls {
+        Some(settings) => {
+            let tls = Tls::load(settings)?;
+            tracing::info!("TLS on listen.grpc and listen.http: {}", tls::describe(settings));
+            Some(tls)
+        }
+        None => None,
+    };
+    let telemetry = match &config.tracing {
+        Some(settings) => {
+            metrics::describe_tracing();
+            Some(Arc::new(Telemetry::start(settings)?))
+        }
+        None => None,
+    };
     let (keys, fresh) = KeyStore::build(&config, None)?;
     KeyStore::spawn_refresh(fresh);
     metrics::set_config_info(None, &config.hash);
     let listen = config.listen.clone();
     let admin_explain = config.admin_explain;
-    let state = Arc::new(State::new(Snapshot::new(config, keys), config_path));
+    let snapshot = Snapshot::new(config, keys).with_telemetry(telemetry.clone());
+    let state = Arc::new(State::new(snapshot, config_path));
 
     let grpc_listener = bind(listen.grpc, "gRPC ext_authz (listen.grpc)")?;
     let http_listener = bind(listen.http, "HTTP authorization (listen.http)")?;
@@ -191,6 +217,9 @@ pub async fn run(
         }
     });
     let reloader = tokio::spawn(reload::watch(Arc::clone(&state), stop_rx.clone()));
+    let tls_watch = tls
+        .as_ref()
+        .map(|tls| tokio::spawn(tls::watch(Arc::clone(tls), stop_rx.clone())));
 
     let budget = connection_budget(raise_open_files_limit());
     let authz = AuthorizationServer::new(AuthorizationService::new(Arc::clone(&state)))
@@ -203,6 +232,7 @@ pub async fn run(
         grpc_listener,
         grpc_router,
         budget.grpc,
+        tls.clone(),
         "listen.grpc",
         stop_rx.clone(),
     ));
@@ -210,6 +240,7 @@ pub async fn run(
         http_listener,
         http::router(Arc::clone(&state)),
         budget.http,
+        tls.clone(),
         "listen.http",
         stop_rx.clone(),
     ));
@@ -222,6 +253,7 @@ pub async fn run(
         admin_listener,
         admin_router,
         budget.admin,
+        None, // admin stays plain: probes and Prometheus
         "listen.admin",
         admin_stop_rx,
     ));
@@ -252,8 +284,11 @@ pub async fn run(
     }
     let _ = admin_stop_tx.send(true);
     let _ = admin.await;
-    for task in [health_task, upkeep, reloader] {
+    for task in [health_task, upkeep, reloader].into_iter().chain(tls_watch) {
         task.abort();
+    }
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown().await;
     }
     Ok(())
 }

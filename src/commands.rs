@@ -71,14 +71,12 @@ pub fn explain(options: ExplainOptions) -> u8 {
         }
     };
     let policy = &config.policy;
-    let issuer = options
-        .request
-        .token
-        .as_deref()
-        .and_then(|t| jwt::parse(t).ok())
-        .and_then(|p| policy.issuer_by_iss(&p.claims.iss));
+    let parsed = options.request.token.as_deref().and_then(|t| jwt::parse(t).ok());
+    let resolved = parsed.as_ref().and_then(|p| policy.resolve_iss(&p.claims.iss));
+    let issuer = resolved.map(|(id, _)| id);
+    let tenant = resolved.and_then(|(_, t)| t);
     let keys = match (options.no_verify, issuer) {
-        (false, Some(id)) => match issuer_keys(&config, id, options.jwks.as_deref()) {
+        (false, Some(id)) => match issuer_keys(&config, id, tenant, options.jwks.as_deref()) {
             Ok(keys) => Some(keys),
             Err(e) => {
                 eprintln!("{e}");
@@ -135,8 +133,14 @@ pub fn explain_remote(server: &str, options: ExplainOptions) -> u8 {
     }
 }
 
-/// The issuer's keys: from `--jwks`, else fetched once from the config's source.
-fn issuer_keys(config: &Config, id: IssuerId, jwks: Option<&Path>) -> Result<Arc<KeySet>, String> {
+/// The issuer's keys (a templated issuer's: the tenant's): from `--jwks`, else fetched once
+/// from the config's source.
+fn issuer_keys(
+    config: &Config,
+    id: IssuerId,
+    tenant: Option<&str>,
+    jwks: Option<&Path>,
+) -> Result<Arc<KeySet>, String> {
     let name = &config.policy.issuers[id].name;
     if let Some(path) = jwks {
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -144,12 +148,16 @@ fn issuer_keys(config: &Config, id: IssuerId, jwks: Option<&Path>) -> Result<Arc
             .map(Arc::new)
             .map_err(|e| format!("{}: {e}", path.display()));
     }
-    let keys = IssuerKeys::new(name.clone(), config.key_sources[id].clone())?;
+    let source = match tenant {
+        Some(t) => crate::jwks::tenant_source(&config.key_sources[id], t),
+        None => config.key_sources[id].clone(),
+    };
+    let keys = IssuerKeys::new(name.clone(), source.clone())?;
     match block_on(keys.refresh())? {
         Refreshed::Ok { .. } => keys.current().ok_or_else(|| format!("issuer {name}: no keys")),
         Refreshed::Failed(e) => Err(format!(
             "the keys of issuer {name} cannot be loaded ({}): {e}\n(--jwks FILE explains with keys from a file, --no-verify without checking the signature)",
-            config.key_sources[id].source
+            source.source
         )),
     }
 }

@@ -36,14 +36,26 @@ pub async fn run(config: &Config, out: &mut String) -> bool {
         count(issuers.len(), "issuer"),
         humantime::format_rfc3339_seconds(SystemTime::now())
     );
+    // a templated issuer is checked for each listed tenant; pattern tenants are not known here
+    let units = units(config);
     // Every issuer is checked at the same time: one slow issuer does not delay the others.
-    let tasks: Vec<_> = issuers
+    let tasks: Vec<_> = units
         .iter()
-        .zip(&config.key_sources)
-        .map(|(issuer, source)| tokio::spawn(check_issuer(issuer.clone(), source.clone())))
+        .map(|(issuer, source)| match source {
+            Some(source) => tokio::spawn(check_issuer(issuer.clone(), source.clone())),
+            None => {
+                let mut b = Block::new(issuer);
+                b.info(
+                    "tenants",
+                    "by tenant_pattern: each tenant's keys load on first use, so none is checked here (list `tenants` to have them checked)",
+                );
+                tokio::spawn(async move { b })
+            }
+        })
         .collect();
+    let issuers: Vec<Issuer> = units.into_iter().map(|(i, _)| i).collect();
     let mut usable = 0;
-    for (task, issuer) in tasks.into_iter().zip(issuers) {
+    for (task, issuer) in tasks.into_iter().zip(&issuers) {
         let block = task.await.unwrap_or_else(|e| {
             let mut b = Block::new(issuer);
             b.fail("doctor", format!("the check itself failed: {e}"), "internal error");
@@ -68,6 +80,29 @@ pub async fn run(config: &Config, out: &mut String) -> bool {
         count(issuers.len(), "issuer")
     );
     unusable == 0
+}
+
+/// What doctor checks: each plain issuer, each listed tenant of a templated one (with
+/// `{tenant}` filled in), and a templated one with a pattern as a note (`None`).
+fn units(config: &Config) -> Vec<(Issuer, Option<KeySourceConfig>)> {
+    use crate::authz::tenant::{TenantSet, fill};
+    let mut out = Vec::new();
+    for (id, (issuer, source)) in config.policy.issuers.iter().zip(&config.key_sources).enumerate() {
+        match config.policy.template(id).map(|t| &t.tenants) {
+            None => out.push((issuer.clone(), Some(source.clone()))),
+            Some(TenantSet::Pattern { .. }) => out.push((issuer.clone(), None)),
+            Some(TenantSet::Listed(list)) => {
+                for tenant in list {
+                    let mut one = issuer.clone();
+                    one.name = format!("{} (tenant {tenant})", issuer.name);
+                    one.issuer = fill(&issuer.issuer, tenant);
+                    one.aliases = issuer.aliases.iter().map(|a| fill(a, tenant)).collect();
+                    out.push((one, Some(crate::jwks::tenant_source(source, tenant))));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn count(n: usize, what: &str) -> String {

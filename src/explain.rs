@@ -51,6 +51,9 @@ pub struct Explanation {
     pub client_id: Option<String>,
     pub scopes: Option<String>,
     pub roles: Option<String>,
+    /// Each `required_claims` condition of the route and whether the token meets it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub required_claims: Vec<String>,
     /// The claims that mattered, as the token carries them.
     pub claims: BTreeMap<String, Value>,
     pub hints: Vec<String>,
@@ -68,6 +71,9 @@ pub struct RouteStep {
 pub struct IssuerStep {
     /// The configured issuer `iss` names, if any.
     pub name: Option<String>,
+    /// The tenant of a templated issuer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     pub iss: String,
 }
 
@@ -147,7 +153,7 @@ pub fn explain(
     let iss = text(&payload, "iss");
     let issuer_id = decision
         .issuer
-        .or_else(|| iss.as_deref().and_then(|i| policy.issuer_by_iss(i)));
+        .or_else(|| iss.as_deref().and_then(|i| policy.resolve_iss(i)).map(|(id, _)| id));
     let issuer_keys = issuer_id.and_then(&keys);
     let claims = parsed.as_ref().map(|p| &p.claims);
     let checked = signatures == Signatures::Verify;
@@ -166,6 +172,7 @@ pub fn explain(
         }),
         issuer: iss.map(|iss| IssuerStep {
             name: issuer_id.map(|id| policy.issuers[id].name.clone()),
+            tenant: policy.resolve_iss(&iss).and_then(|(_, t)| t.map(jwt::readable)),
             iss: jwt::readable(&iss),
         }),
         key: key_step(
@@ -199,11 +206,22 @@ pub fn explain(
                     roles.join(", ")
                 )
             }),
+        required_claims: claims
+            .zip(decision.route)
+            .map(|(c, r)| conditions_step(r, c, decision.reason == Reason::ClaimMismatch))
+            .unwrap_or_default(),
         claims: payload.map_or_else(BTreeMap::new, |p| {
-            SHOWN_CLAIMS
+            let mut shown: BTreeMap<String, Value> = SHOWN_CLAIMS
                 .iter()
                 .filter_map(|&name| p.get(name).map(|v| (name.to_owned(), v.clone())))
-                .collect()
+                .collect();
+            // the claims the route's conditions read matter too
+            for c in decision.route.iter().flat_map(|r| &r.required_claims) {
+                if let Some(v) = c.lookup(&p) {
+                    shown.insert(c.claim.clone(), v.clone());
+                }
+            }
+            shown
         }),
         hints: hint::hints(policy, &decision, raw, issuer_keys.as_deref()),
     }
@@ -382,6 +400,32 @@ fn client_id_step(decision: &Decision<'_>, c: &jwt::Claims) -> Option<String> {
     ))
 }
 
+/// One line a `required_claims` condition: what it needs, what the token has, and whether it
+/// holds; the first that does not is the one the decision names.
+fn conditions_step(route: &authz::Route, c: &jwt::Claims, denied_by_claims: bool) -> Vec<String> {
+    let mut failed_seen = !denied_by_claims;
+    route
+        .required_claims
+        .iter()
+        .map(|cond| {
+            let outcome = if cond.holds(&c.payload) {
+                "holds"
+            } else if failed_seen {
+                "does NOT hold"
+            } else {
+                failed_seen = true;
+                "does NOT hold <- denied here"
+            };
+            format!(
+                "{} {}; the token has {} -> {outcome}",
+                cond.claim,
+                cond.requirement(),
+                authz::conditions::shown(cond.lookup(&c.payload))
+            )
+        })
+        .collect()
+}
+
 /// The trace as text.
 pub fn render_text(e: &Explanation) -> String {
     let mut out = String::new();
@@ -427,7 +471,10 @@ pub fn render_text(e: &Explanation) -> String {
     }
     if let Some(i) = &e.issuer {
         let _ = match &i.name {
-            Some(name) => writeln!(out, "issuer:     {name} ({})", i.iss),
+            Some(name) => match &i.tenant {
+                Some(t) => writeln!(out, "issuer:     {name}, tenant {t} ({})", i.iss),
+                None => writeln!(out, "issuer:     {name} ({})", i.iss),
+            },
             None => writeln!(out, "issuer:     `{}` is not a configured issuer", i.iss),
         };
     }
@@ -446,6 +493,10 @@ pub fn render_text(e: &Explanation) -> String {
         if let Some(v) = value {
             let _ = writeln!(out, "{label:<11} {v}");
         }
+    }
+    for (i, c) in e.required_claims.iter().enumerate() {
+        let label = if i == 0 { "claims if:" } else { "" };
+        let _ = writeln!(out, "{label:<11} {c}");
     }
     if !e.claims.is_empty() {
         let _ = writeln!(out, "claims:");

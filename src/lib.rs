@@ -4,13 +4,15 @@
 //! The architecture, one module a line:
 //!
 //! - [`authz`] (crates/audgate-core): the pure decision core. Route table, token extraction,
-//!   JWT parsing and verification, claim checks, the reason codes and the plain-data response.
-//!   No I/O, no clock, no wire types: `now` and the issuers' keys are parameters.
+//!   JWT parsing and verification, claim checks (`required_claims` in `conditions`), CORS
+//!   preflights, templated issuers' tenants (`tenant`), the reason codes and the plain-data
+//!   response. No I/O, no clock, no wire types: `now` and the issuers' keys are parameters.
 //! - [`config`] (crates/audgate-core): YAML -> validated [`config::Config`], every error with
 //!   file:line:column.
 //! - [`jwks`] (crates/audgate-keys; parsing in crates/audgate-core): JWKS parsing (pure),
 //!   fetching (discovery, URL, file) and the per-issuer cache with periodic refresh and
-//!   rate-limited refetch on an unknown `kid`.
+//!   rate-limited refetch on an unknown `kid`; a templated issuer's per-tenant caches (bounded,
+//!   with a fetch budget).
 //! - `crates/audgate-envoy` (not a module of this crate): the same decisions inside Envoy, as
 //!   a dynamic module (`libaudgate_envoy.so`), over the same core and key cache.
 //! - [`token_cache`] (crates/audgate-keys): the verified-token cache (bounded, keyed by a
@@ -25,6 +27,10 @@
 //! - [`metrics`]: SPEC.md's metrics as domain functions; labels come only from the config.
 //! - [`logging`]: log lines to stderr, through a batching writer thread for `serve`.
 //! - [`reload`]: config reloads on a directory watch, SIGHUP and a periodic check.
+//! - [`tls`]: TLS and mTLS for the gRPC and HTTP listeners (`listen.tls`), with the
+//!   certificate re-read when its files change and the client SAN allow-list.
+//! - [`telemetry`]: OpenTelemetry spans (`tracing:`): a span per check, its parent from
+//!   Envoy's `traceparent`, exported over OTLP/gRPC off the check path.
 //! - [`serve`]: the accept loop of the three listeners, with connection, handshake, header
 //!   and keep-alive limits.
 //! - [`app`]: wiring for `audgate serve`: shared state, listeners, gRPC health, shutdown.
@@ -55,3 +61,5 @@ pub mod policy_test;
 pub mod reload;
 pub mod serve;
 pub mod summary;
+pub mod telemetry;
+pub mod tls;

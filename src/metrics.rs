@@ -21,6 +21,8 @@ const CONFIG_RELOADS: &str = "audgate_config_reloads_total";
 const CONFIG_INFO: &str = "audgate_config_info";
 const CACHE_HITS: &str = "audgate_token_cache_hits_total";
 const CACHE_MISSES: &str = "audgate_token_cache_misses_total";
+/// Not in SPEC.md's table: only with `tracing:` (src/telemetry.rs).
+const TRACE_SPANS_DROPPED: &str = "audgate_trace_spans_dropped_total";
 
 /// Check latency buckets, in seconds: from a cache hit (tens of µs) to a JWKS refetch.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -109,6 +111,23 @@ pub use audgate_keys::TokenCacheMetrics;
 
 pub fn record_config_reload(ok: bool) {
     counter!(CONFIG_RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+/// Spans not exported: `queue_full` (the exporter fell behind; the check did not wait) or
+/// `export_failed` (the OTLP receiver did not take them).
+pub fn trace_spans_dropped(reason: &'static str, spans: u64) {
+    counter!(TRACE_SPANS_DROPPED, "reason" => reason).increment(spans);
+}
+
+/// With `tracing:` on: the dropped-spans series start at 0, so an alert can use `rate()`.
+pub fn describe_tracing() {
+    describe_counter!(
+        TRACE_SPANS_DROPPED,
+        "OpenTelemetry spans not exported, by reason (queue_full, export_failed)."
+    );
+    for reason in ["queue_full", "export_failed"] {
+        counter!(TRACE_SPANS_DROPPED, "reason" => reason).absolute(0);
+    }
 }
 
 /// Mark `hash` as the loaded config (and a replaced one as no longer loaded).

@@ -10,6 +10,9 @@
 //! - HTTP/2: a PING every [`KEEPALIVE_INTERVAL`], the connection closed when one is not
 //!   answered within [`KEEPALIVE_TIMEOUT`]; at most [`Limits::max_streams`] concurrent streams
 //!   and [`MAX_HEADER_LIST_BYTES`] of headers;
+//! - with TLS (`listen.tls`), the TLS handshake counts against the same
+//!   [`HANDSHAKE_TIMEOUT`], and each connection takes the certificate in use when it arrives
+//!   (a rotation changes only later handshakes);
 //! - on `stop`, no new connections; open ones finish their requests (HTTP/1 closes after the
 //!   response, HTTP/2 gets a GOAWAY) and `serve` returns once every one has closed.
 
@@ -23,9 +26,13 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 use tower_service::Service;
+
+use crate::tls::Tls;
 
 /// From accept to the first complete request (headers read; for HTTP/2 also the preface and
 /// the SETTINGS exchange).
@@ -56,11 +63,13 @@ pub struct Limits {
     pub max_streams: u32,
 }
 
-/// Serve `router` on `listener` until `stop` turns true and every open connection has closed.
+/// Serve `router` on `listener` (over TLS when `tls` is set) until `stop` turns true and
+/// every open connection has closed.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<Arc<Tls>>,
     what: &'static str,
     stop: watch::Receiver<bool>,
 ) {
@@ -88,8 +97,26 @@ pub async fn serve(
         match stream {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let connection = connection(stream, peer, router.clone(), Arc::clone(&builder), stop.clone(), permit);
-                tokio::spawn(connection);
+                let router = router.clone();
+                let builder = Arc::clone(&builder);
+                let stop = stop.clone();
+                match &tls {
+                    None => {
+                        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+                        tokio::spawn(connection(stream, peer, deadline, router, builder, stop, permit));
+                    }
+                    Some(tls) => {
+                        tokio::spawn(tls_connection(
+                            stream,
+                            peer,
+                            tls.acceptor(),
+                            router,
+                            builder,
+                            stop,
+                            permit,
+                        ));
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!("{what}: accept failed: {e}");
@@ -119,15 +146,41 @@ fn builder(limits: Limits) -> Builder<TokioExecutor> {
     builder
 }
 
-/// One connection, until it closes, fails, misses [`HANDSHAKE_TIMEOUT`], or `stop` drains it.
-async fn connection(
+/// A TLS handshake (within [`HANDSHAKE_TIMEOUT`], abandoned on `stop`), then the connection.
+async fn tls_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    router: Router,
+    builder: Arc<Builder<TokioExecutor>>,
+    mut stop: watch::Receiver<bool>,
+    slot: OwnedSemaphorePermit,
+) {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let accepted = tokio::select! {
+        accepted = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => accepted,
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    match accepted {
+        Ok(Ok(stream)) => connection(stream, peer, deadline, router, builder, stop, slot).await,
+        Ok(Err(e)) => tracing::debug!(?peer, "TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!(?peer, "TLS handshake not done within {HANDSHAKE_TIMEOUT:?}"),
+    }
+}
+
+/// One connection, until it closes, fails, misses [`HANDSHAKE_TIMEOUT`] (counted from
+/// `deadline`), or `stop` drains it.
+async fn connection<I>(
+    stream: I,
+    peer: SocketAddr,
+    deadline: Instant,
     router: Router,
     builder: Arc<Builder<TokioExecutor>>,
     mut stop: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
-) {
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let requested = Arc::new(AtomicBool::new(false));
     let service = {
         let requested = Arc::clone(&requested);
@@ -140,7 +193,7 @@ async fn connection(
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    let handshake = tokio::time::sleep(HANDSHAKE_TIMEOUT);
+    let handshake = tokio::time::sleep_until(deadline);
     tokio::pin!(handshake);
     let mut handshake_done = false;
     let mut draining = false;

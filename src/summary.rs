@@ -17,12 +17,32 @@ pub fn render(path: &Path, loaded: &Loaded) -> String {
         "listen: grpc {}, http {}, admin {}",
         c.listen.grpc, c.listen.http, c.listen.admin
     );
+    if let Some(tls) = &c.listen.tls {
+        let _ = writeln!(out, "tls on grpc and http: {}", crate::tls::describe(tls));
+    }
+    if let Some(t) = &c.tracing {
+        let _ = writeln!(
+            out,
+            "tracing: OTLP to {} as {}; sample ratio {} without a sampled parent",
+            t.otlp_endpoint, t.service_name, t.sample_ratio
+        );
+    }
     let _ = writeln!(out, "\nissuers ({}):", p.issuers.len());
-    for (issuer, source) in p.issuers.iter().zip(&c.key_sources) {
+    for (id, (issuer, source)) in p.issuers.iter().zip(&c.key_sources).enumerate() {
         let algs: Vec<&str> = issuer.algorithms.iter().map(|a| a.name()).collect();
         let _ = writeln!(out, "  {}  {}", issuer.name, issuer.issuer);
         for alias in &issuer.aliases {
             let _ = writeln!(out, "      alias {alias}");
+        }
+        if let Some(t) = p.template(id) {
+            let _ = match &t.tenants {
+                crate::authz::tenant::TenantSet::Listed(list) => writeln!(out, "      tenants {}", list.join(", ")),
+                crate::authz::tenant::TenantSet::Pattern { regex, max } => writeln!(
+                    out,
+                    "      tenants matching {} (keys on first use, at most {max} at once)",
+                    regex.as_str()
+                ),
+            };
         }
         let _ = writeln!(
             out,
@@ -48,6 +68,7 @@ pub fn render(path: &Path, loaded: &Loaded) -> String {
             let v = match &h.value {
                 ClaimValue::ClientId => "$client_id".to_owned(),
                 ClaimValue::Payload => "$payload".to_owned(),
+                ClaimValue::Tenant => "$tenant".to_owned(),
                 ClaimValue::Claim(path) => path.join("."),
             };
             format!("{}={v}", h.name)
@@ -105,8 +126,13 @@ fn describe_match(r: &Route) -> String {
 
 fn describe_rule(r: &Route, p: &crate::authz::Policy) -> String {
     let mode = if r.mode == Mode::DryRun { " (dry run)" } else { "" };
+    let preflight = if r.allow_cors_preflight {
+        "; CORS preflights pass without a token"
+    } else {
+        ""
+    };
     if r.allow_anonymous {
-        return format!("anonymous: no token needed{mode}");
+        return format!("anonymous: no token needed{preflight}{mode}");
     }
     let claims: Vec<&str> = r.client_id_claims.iter().map(|c| c.name()).collect();
     let issuers: Vec<&str> = r.issuers.iter().map(|&i| p.issuers[i].name.as_str()).collect();
@@ -123,5 +149,16 @@ fn describe_rule(r: &Route, p: &crate::authz::Policy) -> String {
         let roles: Vec<String> = r.required_roles.iter().map(ToString::to_string).collect();
         let _ = write!(rule, "; roles {}", roles.join(","));
     }
-    rule + mode
+    if !r.required_claims.is_empty() {
+        let conditions: Vec<String> = r
+            .required_claims
+            .iter()
+            .map(|c| format!("{} {}", c.claim, c.requirement()))
+            .collect();
+        let _ = write!(rule, "; claims {}", conditions.join(" and "));
+    }
+    if !r.tenants.is_empty() {
+        let _ = write!(rule, "; tenants {}", r.tenants.join(","));
+    }
+    rule + preflight + mode
 }

@@ -721,6 +721,7 @@ fn every_reason_has_its_status() {
         vec![
             ("allowed", 200),
             ("anonymous", 200),
+            ("cors_preflight", 200),
             ("missing_token", 401),
             ("malformed_token", 401),
             ("wrong_token_type", 401),
@@ -732,6 +733,7 @@ fn every_reason_has_its_status() {
             ("not_yet_valid", 401),
             ("audience_mismatch", 403),
             ("insufficient_scope", 403),
+            ("claim_mismatch", 403),
             ("no_route", 403),
             ("keys_unavailable", 503),
         ]

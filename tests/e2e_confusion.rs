@@ -272,6 +272,11 @@ http {{
     listen 127.0.0.1:{port};
     location / {{
       auth_request /_audgate;
+      # the verified claims travel upstream as nginx.org documents: copied from the answer
+      auth_request_set $auth_subject $upstream_http_x_auth_subject;
+      auth_request_set $auth_client_id $upstream_http_x_auth_client_id;
+      proxy_set_header x-auth-subject $auth_subject;
+      proxy_set_header x-auth-client-id $auth_client_id;
       proxy_pass http://127.0.0.1:{upstream};
     }}
     location = /_audgate {{
@@ -323,10 +328,9 @@ async fn nginx_auth_request_in_both_wirings_checks_the_request_nginx_serves() {
     let key = TestKey::rsa("k1");
     let issuer = IssuerServer::start(&[&key]).await;
     let echo = EchoServer::start().await;
-    let token = key.mint(merge(
-        keycloak_claims(&issuer.issuer_url(), "web"),
-        json!({"aud": "api"}),
-    ));
+    let claims = merge(keycloak_claims(&issuer.issuer_url(), "web"), json!({"aud": "api"}));
+    let sub = claims["sub"].clone();
+    let token = key.mint(claims);
     for (wiring, proxy) in [(Wiring::NginxOrg, "nginx"), (Wiring::IngressNginx, "ingress-nginx")] {
         let extra = format!("http_endpoint: {{proxy: {proxy}}}");
         let audgate = Audgate::start(&config(&issuer.issuer_url(), &extra)).await;
@@ -373,6 +377,25 @@ async fn nginx_auth_request_in_both_wirings_checks_the_request_nginx_serves() {
         assert_eq!(status, 200, "{proxy}: GET /orders/1 is anonymous\n{body}\n{}", logs());
         let (status, body) = raw(nginx.port, "DELETE", "/orders/1", &[("authorization", &auth)]).await;
         assert_eq!(status, 200, "{proxy}: DELETE with a token\n{body}\n{}", logs());
+        // the claims audgate verified reach the upstream; a client's own copies do not
+        let spoofed = [
+            ("authorization", auth.as_str()),
+            ("x-auth-subject", "admin"),
+            ("x-auth-client-id", "evil"),
+        ];
+        let (status, body) = raw(nginx.port, "GET", "/strict/x", &spoofed).await;
+        assert_eq!(status, 200, "{proxy}: {body}");
+        let seen: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{proxy}: {e}: {body}"));
+        assert_eq!(seen["headers"]["x-auth-subject"], sub, "{proxy}: {seen}");
+        assert_eq!(seen["headers"]["x-auth-client-id"], "api", "{proxy}: {seen}");
+        // on an anonymous route audgate sets none, so nginx sends them empty: never the client's
+        let (status, body) = raw(nginx.port, "GET", "/orders/1", &spoofed[1..]).await;
+        assert_eq!(status, 200, "{proxy}: {body}");
+        let seen: Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            seen["headers"].get("x-auth-subject").is_none_or(|v| v == ""),
+            "{proxy}: a client's x-auth-subject reached the upstream: {seen}"
+        );
     }
 }
 

@@ -118,6 +118,12 @@ fn cases(k: &Keys) -> Vec<Case> {
         Some(key.mint(merge(claims, patch)))
     };
     let legacy = || Some(k.legacy.mint(kc(LEGACY, "partner-web", json!({"aud": ["partner-api", "account"]}))));
+    // a Keycloak lightweight access token: no sub, aud or roles
+    let lightweight = |azp: &str| {
+        let claims = json!({"exp": AT + 240, "iat": AT - 60, "jti": "onltro:b0097a25-ed68-e048-2caf-82865ede5f65", "iss": SHOP,
+            "typ": "Bearer", "azp": azp, "sid": "PNrbOvimYdwU0IcEK6pfCRk5", "scope": "openid orders:read"});
+        Some(k.rsa.mint(claims))
+    };
     let header = |alg: &str, kid: Option<&str>, typ: &str| match kid {
         Some(kid) => json!({"alg": alg, "typ": typ, "kid": kid}),
         None => json!({"alg": alg, "typ": typ}),
@@ -135,6 +141,8 @@ fn cases(k: &Keys) -> Vec<Case> {
         case("malformed_token_no_exp", 3, ORDERS, orders(json!({"exp": null}))),
         case("wrong_token_type_id", 3, ORDERS, orders(json!({"typ": "ID", "aud": "orders-web"}))),
         case("wrong_token_type_refresh", 3, ORDERS, orders(json!({"typ": "Refresh", "aud": SHOP}))),
+        // what Keycloak issues as refresh_token: HS512 with the realm's HMAC key
+        case("wrong_token_type_refresh_hs512", 3, ORDERS, Some(hs256_jws(b"realm-hmac-key", &header("HS512", Some("hmac-1"), "JWT"), &merge(good(), json!({"typ": "Refresh", "aud": SHOP}))))),
         case("wrong_token_type_header", 3, ORDERS, Some(k.rsa.sign(&header("RS256", Some("rsa-1"), "JOSE"), &good()))),
         case("unsupported_alg_hs256", 3, ORDERS, Some(hs256_jws(&k.rsa.public_key_bytes(), &header("HS256", Some("rsa-1"), "JWT"), &good()))),
         case("unsupported_alg_none", 3, ORDERS, Some(unsigned_jws(&header("none", None, "JWT"), &good()))),
@@ -155,6 +163,8 @@ fn cases(k: &Keys) -> Vec<Case> {
         case("audience_mismatch_azp", 3, ORDERS, orders(json!({"aud": "account", "azp": "orders-api"}))),
         case("audience_mismatch_account", 3, ORDERS, orders(json!({"aud": "account"}))),
         case("audience_mismatch_other", 3, ORDERS, orders(json!({"aud": ["billing-api"], "azp": "billing-web"}))),
+        case("audience_mismatch_lightweight", 3, ORDERS, lightweight("orders-web")),
+        case("insufficient_scope_lightweight", 3, ADMIN, lightweight("admin-ui")),
         case("insufficient_scope", 3, ORDERS, orders(json!({"scope": "openid profile email"}))),
         case("insufficient_scope_roles", 3, ADMIN, admin(json!({}))),
         case("insufficient_scope_client_role", 3, ADMIN, admin(json!({"realm_access": {"roles": ["admin"]}}))),

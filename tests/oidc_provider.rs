@@ -19,11 +19,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{
     Audgate, CheckCall, CheckKind, CheckReply, EchoServer, Envoy, GrpcAuthz, TestKey, TestProcess, assert_deny,
-    assert_upstream, bearer, free_port, http_client, keycloak_claims, merge, repo_root,
+    assert_upstream, bearer, form_encode, free_port, http_client, jose_header, keycloak_claims, merge, repo_root,
 };
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -206,33 +204,6 @@ impl OidcProvider {
             .unwrap_or_else(|| panic!("no access_token in the token response for {resource}"))
             .to_owned()
     }
-}
-
-/// `application/x-www-form-urlencoded` (every byte but the unreserved ones percent-encoded).
-fn form_encode(pairs: &[(&str, &str)]) -> String {
-    let encode = |s: &str| -> String {
-        s.bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                    char::from(b).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect()
-    };
-    pairs
-        .iter()
-        .map(|(name, value)| format!("{}={}", encode(name), encode(value)))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-/// The decoded JOSE header of a compact JWS.
-fn jose_header(token: &str) -> Value {
-    let header = token.split('.').next().unwrap_or_default();
-    let bytes = URL_SAFE_NO_PAD.decode(header).expect("the token header is base64url");
-    serde_json::from_slice(&bytes).expect("the token header is JSON")
 }
 
 fn kid(token: &str) -> String {

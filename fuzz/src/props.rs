@@ -706,6 +706,20 @@ pub fn check_request(f: &Fixture, input: &CheckInput<'_>) {
                 };
                 assert!(in_scope || in_scp, "{context}: scope {scope} missing");
             }
+            for condition in &route.required_claims {
+                assert!(
+                    condition.holds(&claims.payload),
+                    "{context}: required claim {} does not hold",
+                    condition.claim
+                );
+            }
+            assert_eq!(r.status, 200, "{context}");
+        }
+        (Verdict::Allow, Reason::CorsPreflight) => {
+            let route = d.route.expect("a preflight passed without a route");
+            assert!(route.allow_cors_preflight, "{context}");
+            assert!(authz::route::is_cors_preflight(input), "{context}: not a preflight");
+            assert!(d.token.is_none() && r.upstream_headers.is_empty(), "{context}");
             assert_eq!(r.status, 200, "{context}");
         }
         (Verdict::Allow, Reason::Anonymous) => {

@@ -132,14 +132,26 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, release it).
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a child process to listen on.
+///
+/// Taken below Linux's ephemeral range (32768-60999 by default), never from it: a port the
+/// kernel hands out for port 0 is also what it hands to outgoing connections, and under load
+/// one of those (a test's client, Envoy's upstream connection) took a port between this check
+/// and the child's bind ("Address already in use"). Each process starts at its own offset and
+/// counts up, so the ports of one test binary are distinct.
 pub fn free_port() -> u16 {
-    let listener = StdTcpListener::bind("127.0.0.1:0")
-        .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0 to find a free port: {e}"));
-    listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("cannot read the local address of a bound socket: {e}"))
-        .port()
+    const LOW: u32 = 12_000;
+    const SPAN: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = u16::try_from(LOW + offset).expect("below 32,000");
+        if StdTcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on 127.0.0.1 between {LOW} and {}", LOW + SPAN)
 }
 
 /// Reads a log file for a panic message; never fails (a missing file reads as a note).
@@ -826,6 +838,8 @@ pub struct AudgateOptions {
     pub layout: ConfigLayout,
     /// Run audgate under `prlimit --nofile=N:N` (soft and hard open-files limit).
     pub open_files: Option<u64>,
+    /// Lines added to the `listen` section (indented by two spaces there), e.g. `tls:`.
+    pub listen_extra: String,
 }
 
 impl AudgateOptions {
@@ -861,6 +875,17 @@ impl AudgateOptions {
         self.open_files = Some(limit);
         self
     }
+
+    /// Adds `yaml` (keys of `listen`, written without indentation) to the `listen` section,
+    /// e.g. `tls: {cert_file: ..., key_file: ...}`.
+    pub fn listen_extra(mut self, yaml: &str) -> Self {
+        for line in yaml.lines() {
+            self.listen_extra.push_str("  ");
+            self.listen_extra.push_str(line);
+            self.listen_extra.push('\n');
+        }
+        self
+    }
 }
 
 /// A running `audgate serve --config <file>` (the real binary), killed on drop.
@@ -876,6 +901,8 @@ pub struct Audgate {
     config_dir: PathBuf,
     /// Counts config replacements (names for temp files and ConfigMap generations).
     updates: AtomicU32,
+    /// [`AudgateOptions::listen_extra`], kept for [`Audgate::config_text`].
+    listen_extra: String,
     client: reqwest::Client,
     dir: TempDir,
 }
@@ -902,7 +929,7 @@ impl Audgate {
             http: free_port(),
             admin: free_port(),
         };
-        let config = listen_section(&ports) + config_body;
+        let config = listen_section(&ports) + &options.listen_extra + "\n" + config_body;
         let dir = tempfile::Builder::new()
             .prefix("audgate-test-")
             .tempdir()
@@ -992,6 +1019,7 @@ impl Audgate {
             layout: options.layout,
             config_dir,
             updates: AtomicU32::new(0),
+            listen_extra: options.listen_extra.clone(),
             client: http_client(),
             dir,
         }
@@ -1073,7 +1101,7 @@ impl Audgate {
     /// The full config text for `body`: the `listen` section this instance was started with,
     /// then `body`. What [`Audgate::replace_config`] writes.
     pub fn config_text(&self, body: &str) -> String {
-        listen_section(&self.ports) + body
+        listen_section(&self.ports) + &self.listen_extra + "\n" + body
     }
 
     /// Replaces the config with `body` (the `listen` section is added, as at start) the way
@@ -1208,7 +1236,7 @@ impl Audgate {
 /// The `listen` section [`Audgate`] puts in front of every config body.
 fn listen_section(ports: &AudgatePorts) -> String {
     format!(
-        "listen:\n  grpc: 127.0.0.1:{}\n  http: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n\n",
+        "listen:\n  grpc: 127.0.0.1:{}\n  http: 127.0.0.1:{}\n  admin: 127.0.0.1:{}\n",
         ports.grpc, ports.http, ports.admin
     )
 }
@@ -2853,4 +2881,98 @@ pub fn module_checks(prometheus: &str, pick: impl Fn(&HashMap<String, String>) -
         }
     }
     total
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deployment files
+// ---------------------------------------------------------------------------------------------
+
+/// Helpers of the deployment-file tests (validators, `kubernetes-validate`, file helpers).
+pub mod deploy;
+
+// ---------------------------------------------------------------------------------------------
+// Talking to real identity providers (tests/keycloak.rs, tests/oidc_provider.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// `application/x-www-form-urlencoded` (every byte but the unreserved ones percent-encoded),
+/// for token requests.
+pub fn form_encode(pairs: &[(&str, &str)]) -> String {
+    let encode = |s: &str| -> String {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    };
+    pairs
+        .iter()
+        .map(|(name, value)| format!("{}={}", encode(name), encode(value)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The decoded JOSE header of a compact JWS an identity provider issued; panics when it is
+/// not base64url JSON.
+pub fn jose_header(token: &str) -> Value {
+    let header = token.split('.').next().unwrap_or_default();
+    let bytes = URL_SAFE_NO_PAD
+        .decode(header)
+        .unwrap_or_else(|e| panic!("the token header is not base64url: {e}"));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("the token header is not JSON: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting on Envoy's counters and on log lines
+// ---------------------------------------------------------------------------------------------
+
+impl Envoy {
+    /// The counter or gauge `name` from the admin interface's `/stats`; `None` while the admin
+    /// port does not answer or before the stat exists.
+    pub async fn stat(&self, name: &str) -> Option<u64> {
+        let reply = try_send(&http_client(), "GET", &format!("{}/stats", self.admin_url()), &[])
+            .await
+            .ok()?;
+        reply.body.lines().find_map(|line| {
+            let (key, value) = line.split_once(": ")?;
+            if key == name { value.trim().parse().ok() } else { None }
+        })
+    }
+
+    /// Waits until one of `cluster`'s active health checks has succeeded (audgate is ready
+    /// before Envoy starts, so a check that never succeeds asks the wrong thing); after
+    /// `timeout` panics with the counters and `logs()`.
+    pub async fn wait_health_check_success(&self, cluster: &str, timeout: Duration, logs: impl Fn() -> String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let success = self.stat(&format!("cluster.{cluster}.health_check.success")).await;
+            let failure = self.stat(&format!("cluster.{cluster}.health_check.failure")).await;
+            if success.is_some_and(|s| s > 0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{cluster}: no successful active health check (success {success:?}, failure {failure:?})\n{}",
+                logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Polls `logs` every 50 ms until `found` holds for them; after `timeout` panics with `what`
+/// and the logs.
+pub async fn wait_for_log(what: &str, timeout: Duration, logs: impl Fn() -> String, found: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = logs();
+        if found(&text) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

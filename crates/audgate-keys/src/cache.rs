@@ -1,7 +1,7 @@
 //! Per-issuer key cache: the last good key set, periodic refresh, and the rate-limited,
 //! single-flight refetch a request triggers when it meets an unknown `kid`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -29,6 +29,56 @@ pub struct IssuerKeys {
     generation: AtomicU64,
     /// Held while fetching, so concurrent requests share one fetch.
     fetch: Mutex<FetchState>,
+    /// The tenant of a templated issuer these keys belong to (logs only).
+    tenant: Option<String>,
+    /// A tenant's keys count into its issuer's `audgate_jwks_keys` through this sum.
+    gauge: Option<Arc<TenantGauge>>,
+    /// Keys in the last good set (what this cache adds to the gauge).
+    key_count: AtomicUsize,
+}
+
+/// `audgate_jwks_keys` of a templated issuer: the sum over its loaded tenants (the issuer's
+/// name stays the only label).
+pub struct TenantGauge {
+    name: String,
+    total: AtomicI64,
+    /// Cleared when the issuer's tenant caches are replaced (a reload): the caches dropped
+    /// with them must not lower the gauge the new ones set.
+    live: AtomicBool,
+}
+
+impl TenantGauge {
+    pub fn new(name: String) -> TenantGauge {
+        TenantGauge {
+            name,
+            total: AtomicI64::new(0),
+            live: AtomicBool::new(true),
+        }
+    }
+
+    fn add(&self, delta: i64) {
+        let total = self.total.fetch_add(delta, Ordering::AcqRel) + delta;
+        if self.live.load(Ordering::Acquire) {
+            metrics::set_jwks_keys(&self.name, usize::try_from(total).unwrap_or(0));
+        }
+    }
+
+    /// Stop reporting: the caches this gauge sums are being replaced.
+    pub fn retire(&self) {
+        self.live.store(false, Ordering::Release);
+    }
+
+    pub fn total(&self) -> i64 {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for IssuerKeys {
+    fn drop(&mut self) {
+        if let Some(gauge) = &self.gauge {
+            gauge.add(-i64::try_from(self.key_count.load(Ordering::Acquire)).unwrap_or(0));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -57,7 +107,63 @@ impl IssuerKeys {
             current: RwLock::new(None),
             generation: AtomicU64::new(0),
             fetch: Mutex::new(FetchState::default()),
+            tenant: None,
+            gauge: None,
+            key_count: AtomicUsize::new(0),
         })
+    }
+
+    /// The keys of one tenant of a templated issuer: `config` has the tenant filled in, and the
+    /// key count goes into `gauge`.
+    pub fn new_tenant(
+        name: String,
+        tenant: String,
+        config: KeySourceConfig,
+        gauge: Arc<TenantGauge>,
+    ) -> Result<IssuerKeys, String> {
+        let mut keys = IssuerKeys::new(name, config)?;
+        keys.tenant = Some(tenant);
+        keys.gauge = Some(gauge);
+        Ok(keys)
+    }
+
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
+    /// [`Self::refetch_for_unknown_kid`], where a fetch that the per-issuer rate limit
+    /// would allow also needs `permit()` (a budget shared by many tenants).
+    pub async fn refetch_if(&self, seen_generation: u64, permit: impl FnOnce() -> bool) -> bool {
+        let mut state = self.fetch.lock().await;
+        if self.generation() != seen_generation {
+            return true;
+        }
+        let recent = state
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < self.config.min_refresh_interval);
+        if recent || !permit() {
+            return false;
+        }
+        let outcome = self.fetch_locked(&mut state).await;
+        tracing::info!(issuer = %self.name, tenant = ?self.tenant, outcome = ?outcome, "JWKS fetch for a tenant");
+        self.generation() != seen_generation
+    }
+
+    /// A templated issuer's tenant keys: refresh every `refresh_interval` once loaded, never
+    /// retry a load that failed (the next request does, within the rate limits). Ends once the
+    /// tenant is dropped from the cache.
+    pub async fn run_tenant_refresh(keys: Weak<IssuerKeys>) {
+        loop {
+            let Some(wait) = keys.upgrade().map(|k| k.config.refresh_interval) else {
+                return;
+            };
+            tokio::time::sleep(wait).await;
+            let Some(this) = keys.upgrade() else { return };
+            if this.current().is_some() {
+                let outcome = this.refresh().await;
+                tracing::info!(issuer = %this.name, tenant = ?this.tenant, outcome = ?outcome, "JWKS refreshed");
+            }
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -118,7 +224,17 @@ impl IssuerKeys {
             }
         };
         metrics::record_jwks_refresh(&self.name, true);
-        metrics::set_jwks_keys(&self.name, fetched.keys.keys().len());
+        let count = fetched.keys.keys().len();
+        match &self.gauge {
+            Some(gauge) => {
+                let before = self.key_count.swap(count, Ordering::AcqRel);
+                gauge.add(i64::try_from(count).unwrap_or(0) - i64::try_from(before).unwrap_or(0));
+            }
+            None => {
+                self.key_count.store(count, Ordering::Release);
+                metrics::set_jwks_keys(&self.name, count);
+            }
+        }
         state.jwks_uri = fetched.jwks_uri;
         for skipped in fetched.keys.skipped() {
             tracing::debug!(issuer = %self.name, kid = ?skipped.kid, why = %skipped.why, "JWKS key skipped");

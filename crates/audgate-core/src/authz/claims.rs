@@ -1,4 +1,4 @@
-//! A route's rule applied to verified claims: client id, scopes, roles.
+//! A route's rule applied to verified claims: client id, scopes, roles, `required_claims`.
 
 use serde_json::Value;
 
@@ -11,6 +11,7 @@ pub fn authorize(route: &Route, claims: &Claims) -> Result<String, Denial> {
     let client_id = find_client_id(route, claims)?;
     check_scopes(route, claims)?;
     check_roles(route, claims)?;
+    super::conditions::check(&route.name, &route.required_claims, &claims.payload)?;
     Ok(client_id)
 }
 

@@ -46,6 +46,8 @@ pub struct Decision<'p> {
     pub token: Option<VerifiedToken>,
     /// The client id that satisfied the route's rule.
     pub client_id: Option<String>,
+    /// The tenant of a templated issuer the token named (`$tenant`).
+    pub tenant: Option<String>,
 }
 
 impl<'p> Decision<'p> {
@@ -58,6 +60,7 @@ impl<'p> Decision<'p> {
             issuer: None,
             token: None,
             client_id: None,
+            tenant: None,
         }
     }
 
@@ -76,6 +79,7 @@ impl<'p> Decision<'p> {
             issuer: None,
             token: None,
             client_id: None,
+            tenant: None,
         }
     }
 
@@ -98,6 +102,8 @@ pub enum ClaimValue {
     Payload,
     /// A claim, by dotted path (`realm_access.roles`).
     Claim(Vec<String>),
+    /// `$tenant`: the tenant of a templated issuer.
+    Tenant,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +187,8 @@ pub struct Metadata<'p> {
     pub subject: String,
     pub client_id: String,
     pub issuer: String,
+    /// The tenant of a templated issuer; empty otherwise.
+    pub tenant: String,
 }
 
 /// Build the answer for a decision.
@@ -193,6 +201,7 @@ pub fn respond<'p>(policy: &'p Policy, d: &Decision<'p>) -> Response<'p> {
         subject: clean(d.subject().unwrap_or_default()),
         client_id: clean(d.client_id.as_deref().unwrap_or_default()),
         issuer: d.issuer.map(|i| policy.issuers[i].name.clone()).unwrap_or_default(),
+        tenant: clean(d.tenant.as_deref().unwrap_or_default()),
     };
     match d.verdict {
         Verdict::Allow | Verdict::DryRunDeny => {
@@ -232,7 +241,7 @@ pub fn respond<'p>(policy: &'p Policy, d: &Decision<'p>) -> Response<'p> {
 fn challenge(reason: Reason, description: &str) -> Option<String> {
     let error = match reason {
         Reason::MissingToken => return Some(r#"Bearer realm="audgate""#.to_owned()),
-        Reason::InsufficientScope => "insufficient_scope",
+        Reason::InsufficientScope | Reason::ClaimMismatch => "insufficient_scope",
         Reason::NoRoute | Reason::KeysUnavailable => return None,
         _ => "invalid_token",
     };
@@ -260,7 +269,7 @@ fn claim_headers<'p>(policy: &'p Policy, d: &Decision<'p>) -> (Vec<(&'p str, Str
         match d
             .token
             .as_ref()
-            .and_then(|t| claim_header_value(&h.value, t, d.client_id.as_deref()))
+            .and_then(|t| claim_header_value(&h.value, t, d.client_id.as_deref(), d.tenant.as_deref()))
         {
             Some(v) => set.push((h.name.as_str(), v)),
             None => remove.push(h.name.as_str()),
@@ -269,10 +278,16 @@ fn claim_headers<'p>(policy: &'p Policy, d: &Decision<'p>) -> (Vec<(&'p str, Str
     (set, remove)
 }
 
-fn claim_header_value(value: &ClaimValue, token: &VerifiedToken, client_id: Option<&str>) -> Option<String> {
+fn claim_header_value(
+    value: &ClaimValue,
+    token: &VerifiedToken,
+    client_id: Option<&str>,
+    tenant: Option<&str>,
+) -> Option<String> {
     let claims = token.claims();
     let text = match value {
         ClaimValue::ClientId => client_id?.to_owned(),
+        ClaimValue::Tenant => tenant?.to_owned(),
         ClaimValue::Payload => claims.payload_b64.clone(),
         ClaimValue::Claim(path) => {
             let mut node = claims.payload.get(&path[0])?;

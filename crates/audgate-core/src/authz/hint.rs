@@ -25,7 +25,7 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
     };
     let route = decision.route;
     match decision.reason {
-        Reason::Allowed | Reason::Anonymous => Vec::new(),
+        Reason::Allowed | Reason::Anonymous | Reason::CorsPreflight => Vec::new(),
         Reason::MissingToken => {
             let sources: Vec<String> = policy.token.sources.iter().map(ToString::to_string).collect();
             vec![format!(
@@ -58,6 +58,9 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
                 "sign with {allowed} — in Keycloak: Realm settings > Keys, and the client's access token signature algorithm — or add the algorithm to `algorithms`; `none` and HS* are never accepted"
             )]
         }
+        Reason::UnknownIssuer if claims.is_some_and(|c| tenant_hint(policy, route, c).is_some()) => {
+            claims.and_then(|c| tenant_hint(policy, route, c)).unwrap_or_default()
+        }
         Reason::UnknownIssuer => match claims {
             Some(c) => unknown_issuer(policy, route, c),
             None => vec![
@@ -86,7 +89,7 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
             (Some(route), Some(claims)) => audience(route, claims),
             _ => Vec::new(),
         },
-        Reason::InsufficientScope => insufficient_scope(route),
+        Reason::InsufficientScope => insufficient_scope(route, claims),
         Reason::NoRoute => vec![match route {
             None if decision.description.contains("audgate.route") => {
                 "the Envoy route's `audgate.route` context extension names a route that is not in the config: fix the name on either side".to_owned()
@@ -96,33 +99,216 @@ pub fn hints(policy: &Policy, decision: &Decision<'_>, token: Option<&str>, keys
         Reason::KeysUnavailable => vec![
             "audgate has not loaded this issuer's keys yet: check that the discovery / JWKS URL is reachable from audgate (`audgate doctor`)".to_owned(),
         ],
+        Reason::ClaimMismatch => match (route, claims) {
+            (Some(route), Some(claims)) => claim_mismatch(route, claims),
+            _ => Vec::new(),
+        },
     }
+}
+
+/// `unknown_issuer` for a templated issuer: the tenant is not accepted by the route, or `iss`
+/// has the template's shape but names a tenant the issuer does not accept.
+fn tenant_hint(policy: &Policy, route: Option<&Route>, claims: &Claims) -> Option<Vec<String>> {
+    if let Some((id, Some(tenant))) = policy.resolve_iss(&claims.iss) {
+        let route = route?;
+        return Some(vec![format!(
+            "tenant `{}` of issuer {} is valid, but route {} accepts only the tenants [{}]: add it to the route's `tenants` if its users belong here",
+            jwt::readable(tenant),
+            policy.issuers[id].name,
+            route.name,
+            route.tenants.join(", ")
+        )]);
+    }
+    (0..policy.issuers.len()).find_map(|id| {
+        let template = policy.template(id)?;
+        let issuer = &policy.issuers[id];
+        let (before, after) = issuer.issuer.split_once(super::tenant::PLACEHOLDER)?;
+        let tenant = claims.iss.strip_prefix(before)?.strip_suffix(after)?;
+        let accepted = match &template.tenants {
+            super::tenant::TenantSet::Listed(list) => format!("its `tenants` [{}]", list.join(", ")),
+            super::tenant::TenantSet::Pattern { regex, .. } => format!("its `tenant_pattern` {}", regex.as_str()),
+        };
+        Some(vec![format!(
+            "`{}` has the shape of issuer {} (`{}`), but tenant `{}` is not one of {accepted}: add the tenant there, or get a token from an accepted tenant",
+            jwt::readable(&claims.iss),
+            issuer.name,
+            issuer.issuer,
+            jwt::readable(tenant)
+        )])
+    })
+}
+
+/// `claim_mismatch`: which condition failed and where such a claim comes from in Keycloak.
+fn claim_mismatch(route: &Route, claims: &Claims) -> Vec<String> {
+    let Some(failed) = route.required_claims.iter().find(|c| !c.holds(&claims.payload)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if failed.lookup(&claims.payload).is_none() {
+        out.push(format!(
+            "the token has no claim `{}`: in Keycloak a protocol mapper on the client (or on a client scope assigned to it) puts it in the access token (a User Attribute, Group Membership or Hardcoded claim mapper, with `Add to access token` on); a dotted name reaches nested claims, and a claim whose own name has a dot is matched too",
+            failed.claim
+        ));
+    } else {
+        out.push(format!(
+            "claim `{}` must be {}: change the user's attributes, groups or roles in the issuer so that it is, or widen the route's `required_claims` (a list accepts any of its values, a leading or trailing `*` a suffix or prefix)",
+            failed.claim,
+            failed.requirement()
+        ));
+    }
+    out.push("the token's claims only change when a new token is issued: get a new one after the change".to_owned());
+    out
 }
 
 /// The realm of a Keycloak issuer URL (`.../realms/NAME`).
 fn realm(iss: &str) -> Option<&str> {
-    iss.split("/realms/").nth(1).map(|r| r.split('/').next().unwrap_or(r))
+    let name = iss.split("/realms/").nth(1)?;
+    let name = name.split('/').next().unwrap_or(name);
+    (!name.is_empty()).then_some(name)
+}
+
+/// The Keycloak server URL `kcadm.sh config credentials --server` takes: the issuer without
+/// `/realms/NAME` (it keeps a legacy `/auth` prefix, which kcadm needs then).
+fn keycloak_server(iss: &str) -> Option<&str> {
+    iss.split_once("/realms/").map(|(server, _)| server)
+}
+
+/// A word to paste into a POSIX shell: as it is when it holds only characters no shell
+/// treats specially, else in single quotes. Client ids and realm names in a hint come from
+/// the token, and a printed command is meant to be pasted.
+fn sh(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_.:/=@%+,".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// `$(kcadm.sh get clients ...)`: the internal id of client `client_id` in `realm`.
+fn kcadm_client_uuid(realm: &str, client_id: &str) -> String {
+    format!(
+        "$(kcadm.sh get clients -r {} -q {} --fields id --format csv --noquotes)",
+        sh(realm),
+        sh(&format!("clientId={client_id}"))
+    )
+}
+
+/// The `kcadm.sh` command that adds an Audience mapper (`oidc-audience-mapper`, Included Client
+/// Audience = `audience`) to client `on_client`'s dedicated scope in `realm`. `lightweight`:
+/// also into lightweight access tokens.
+fn audience_mapper_command(realm: &str, on_client: &str, audience: &str, lightweight: bool) -> String {
+    let mut words = vec![
+        format!(
+            "kcadm.sh create clients/{}/protocol-mappers/models -r {}",
+            kcadm_client_uuid(realm, on_client),
+            sh(realm)
+        ),
+        format!("-s {}", sh(&format!("name=audience-{audience}"))),
+        "-s protocol=openid-connect -s protocolMapper=oidc-audience-mapper".to_owned(),
+        format!("-s {}", sh(&format!("config.\"included.client.audience\"={audience}"))),
+        format!("-s {}", sh("config.\"access.token.claim\"=true")),
+        format!("-s {}", sh("config.\"introspection.token.claim\"=true")),
+    ];
+    if lightweight {
+        words.push(format!("-s {}", sh("config.\"lightweight.claim\"=true")));
+    }
+    words.join(" ")
+}
+
+/// Where to log in before running a printed command.
+fn kcadm_login(iss: &str) -> String {
+    match keycloak_server(iss) {
+        Some(server) => format!(
+            "after `kcadm.sh config credentials --server {} --realm master --user ADMIN`",
+            sh(server)
+        ),
+        None => "after `kcadm.sh config credentials`".to_owned(),
+    }
+}
+
+/// A Keycloak *lightweight* access token (client option "Always use lightweight access token",
+/// `client.use.lightweight.access.token.enabled`): Keycloak leaves out every claim whose mapper
+/// does not say "Add to lightweight access token" — `sub`, `aud`, the roles — and keeps `iss`,
+/// `azp`, `typ`, `scope`, `sid`, `jti` and the times.
+fn is_lightweight(claims: &Claims) -> bool {
+    claims.azp.is_some()
+        && claims.sub.is_none()
+        && claims.aud.is_empty()
+        && !claims.payload.contains_key("realm_access")
+        && !claims.payload.contains_key("resource_access")
+}
+
+fn lightweight_note(claims: &Claims, realm: &str, what: &str) -> String {
+    let client = claims.azp.as_deref().unwrap_or_default();
+    format!(
+        "this is a Keycloak lightweight access token (client `{}` has *Always use lightweight access token* on): it carries only iss, azp, scope and the times, and leaves out {what} unless a mapper has *Add to lightweight access token* on. Either turn that on where the claim comes from, or give the client full access tokens again: `kcadm.sh update clients/{} -r {} -s {}` — a resource server that must stay with lightweight tokens reads the claims from token introspection instead",
+        jwt::readable(client),
+        kcadm_client_uuid(realm, client),
+        sh(realm),
+        sh("attributes.\"client.use.lightweight.access.token.enabled\"=false")
+    )
 }
 
 fn audience(route: &Route, claims: &Claims) -> Vec<String> {
     let mut out = Vec::new();
-    let in_azp = claims
-        .azp
-        .as_deref()
-        .filter(|azp| route.client_ids.iter().any(|c| c == azp));
+    let checks_aud = route.client_id_claims.contains(&ClientIdClaim::Aud);
     let azp_accepted = route.client_id_claims.contains(&ClientIdClaim::Azp);
-    if let (Some(client), false) = (in_azp, azp_accepted) {
-        let realm = realm(&claims.iss).unwrap_or("REALM");
-        out.push(format!(
-            "the token was issued to client `{client}` (azp) but its aud does not name it: since Keycloak 4.6 the client id is no longer put in aud. Two ways out:"
-        ));
-        out.push(format!(
-            "(a) in Keycloak, add an Audience mapper that puts `{client}` in aud, e.g. `kcadm.sh create clients/$(kcadm.sh get clients -r {realm} -q clientId={client} --fields id --format csv --noquotes)/protocol-mappers/models -r {realm} -s name=audience-{client} -s protocol=openid-connect -s protocolMapper=oidc-audience-mapper -s 'config.\"included.client.audience\"={client}' -s 'config.\"access.token.claim\"=true'` — then `client_id_claims: [aud]` keeps checking the audience"
-        ));
-        out.push(format!(
-            "(b) or set `client_id_claims: [aud, azp]` on route {}: it then accepts any token issued to `{client}`, including ones the client obtained for other APIs",
-            route.name
-        ));
+    let realm = realm(&claims.iss);
+    let lightweight = is_lightweight(claims);
+    let api = route.client_ids.first().map(String::as_str);
+    let others = if route.client_ids.len() > 1 {
+        format!(" (any of [{}] will do)", route.client_ids.join(", "))
+    } else {
+        String::new()
+    };
+    let aud_lacks = |api: &str| {
+        if claims.aud.is_empty() {
+            format!("it has no aud, so nothing names `{api}`")
+        } else {
+            format!(
+                "its aud [{}] does not name `{api}`",
+                jwt::readable(&claims.aud.join(", "))
+            )
+        }
+    };
+    let azp = claims.azp.as_deref();
+    let api_in_azp = azp.filter(|a| route.client_ids.iter().any(|c| c == a));
+    match (realm, azp, api) {
+        (Some(realm), Some(_), Some(_)) if checks_aud && lightweight => {
+            out.push(lightweight_note(claims, realm, "aud (and sub and the roles)"));
+        }
+        _ => {}
+    }
+    match (realm, azp, api, api_in_azp) {
+        // the API's own client id is in azp: the token was issued to the API's client
+        (Some(realm), _, _, Some(client)) if checks_aud && !azp_accepted => {
+            let client = jwt::readable(client);
+            out.push(format!(
+                "the token was issued to client `{client}` (azp) but its aud does not name it: since Keycloak 4.6 the client id is no longer put in aud. Two ways out:"
+            ));
+            out.push(format!(
+                "(a) in Keycloak, add an Audience mapper that puts `{client}` in aud, {}: `{}` — then `client_id_claims: [aud]` keeps checking the audience",
+                kcadm_login(&claims.iss),
+                audience_mapper_command(realm, &client, &client, lightweight)
+            ));
+            out.push(format!(
+                "(b) or set `client_id_claims: [aud, azp]` on route {}: it then accepts any token issued to `{client}`, including ones the client obtained for other APIs",
+                route.name
+            ));
+        }
+        // azp names the caller (a front end, another service), and aud lacks the API
+        (Some(realm), Some(caller), Some(api), None) if checks_aud => {
+            let caller = jwt::readable(caller);
+            out.push(format!(
+                "the token was issued to client `{caller}` (azp), the caller, and {}{others}: Keycloak puts an API in aud only when a mapper says so. Add an Audience mapper with *Included Client Audience* `{api}` to client `{caller}` (or to a client scope assigned to it, to cover every caller at once), {}: `{}` — the next token `{caller}` gets names `{api}` in aud and passes route {}",
+                aud_lacks(api),
+                kcadm_login(&claims.iss),
+                audience_mapper_command(realm, &caller, api, lightweight),
+                route.name
+            ));
+        }
+        _ => {}
     }
     if claims.aud.iter().all(|a| a == "account") && !claims.aud.is_empty() {
         out.push(
@@ -166,8 +352,10 @@ fn unknown_issuer(policy: &Policy, route: Option<&Route>, claims: &Claims) -> Ve
     });
     match close {
         Some(issuer) => vec![format!(
-            "`{iss}` differs from issuer {} (`{}`) only by scheme, host, port, the legacy /auth prefix or a trailing slash: Keycloak writes the hostname the client used into iss. Add `{iss}` to `issuer_aliases`, or give Keycloak one public hostname (KC_HOSTNAME) so every token carries the same iss",
-            issuer.name, issuer.issuer
+            "`{iss}` differs from issuer {name} (`{}`) only by scheme, host, port, the legacy /auth prefix or a trailing slash: Keycloak writes the hostname the client used into iss. Accept this form too: `issuer_aliases: [{}]` on issuer {name} (next to any aliases it has), or give Keycloak one public hostname (KC_HOSTNAME, --hostname) so every token carries the same iss",
+            issuer.issuer,
+            yaml_str(&claims.iss),
+            name = issuer.name,
         )],
         None => {
             let known: Vec<&str> = policy.issuers.iter().map(|i| i.issuer.as_str()).collect();
@@ -179,9 +367,23 @@ fn unknown_issuer(policy: &Policy, route: Option<&Route>, claims: &Claims) -> Ve
     }
 }
 
-fn insufficient_scope(route: Option<&Route>) -> Vec<String> {
+/// A string as a YAML value: double-quoted, which YAML reads as JSON does (escapes included).
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+fn insufficient_scope(route: Option<&Route>, claims: Option<&Claims>) -> Vec<String> {
     let Some(route) = route else { return Vec::new() };
     let mut out = Vec::new();
+    if let Some(claims) = claims.filter(|c| is_lightweight(c) && !route.required_roles.is_empty())
+        && let Some(realm) = realm(&claims.iss)
+    {
+        out.push(lightweight_note(
+            claims,
+            realm,
+            "realm_access and resource_access (the roles: mappers *realm roles* and *client roles* of client scope `roles`)",
+        ));
+    }
     if !route.required_scopes.is_empty() {
         out.push(format!(
             "request the scope(s) {} when getting the token (the `scope` parameter), and in Keycloak assign a client scope of that name to the client",
@@ -221,5 +423,33 @@ mod tests {
         }
         assert_ne!(issuer_core("https://sso.example.com/realms/other"), core);
         assert_eq!(realm("https://sso/auth/realms/shop"), Some("shop"));
+    }
+
+    #[test]
+    fn printed_commands_quote_what_a_shell_would_interpret() {
+        assert_eq!(sh("web-shop"), "web-shop");
+        assert_eq!(sh("clientId=web-shop"), "clientId=web-shop");
+        assert_eq!(sh("a b"), "'a b'");
+        assert_eq!(sh("$(rm -rf ~)"), "'$(rm -rf ~)'");
+        assert_eq!(sh("it's"), r"'it'\''s'");
+        assert_eq!(sh(""), "''");
+        let cmd = audience_mapper_command("shop", "x;reboot", "orders-api", false);
+        assert!(cmd.contains("'clientId=x;reboot'"), "{cmd}");
+        assert!(!cmd.contains("lightweight"), "{cmd}");
+        assert!(audience_mapper_command("shop", "web-shop", "orders-api", true).contains("lightweight.claim"));
+    }
+
+    #[test]
+    fn kcadm_server_is_the_issuer_without_the_realm() {
+        assert_eq!(
+            keycloak_server("http://127.0.0.1:8080/realms/shop"),
+            Some("http://127.0.0.1:8080")
+        );
+        assert_eq!(
+            keycloak_server("https://sso/auth/realms/shop"),
+            Some("https://sso/auth")
+        );
+        assert_eq!(keycloak_server("https://login.partner.example"), None);
+        assert_eq!(realm("https://sso/realms/"), None);
     }
 }

@@ -188,7 +188,14 @@ pub fn parse(token: &str) -> Result<UnverifiedToken<'_>, Denial> {
     if URL_SAFE_NO_PAD.decode(s).is_err() {
         return Err(malformed("the signature is not base64url"));
     }
-    let header = parse_header(&header_json)?;
+    let header = match parse_header(&header_json) {
+        // Keycloak signs its refresh tokens with the realm's HMAC key (HS512), an alg never
+        // accepted: say what the token is, which tells the caller what to send instead.
+        Err(denial) if denial.reason == Reason::UnsupportedAlg => {
+            return Err(payload_typ_denial(&payload_json).unwrap_or(denial));
+        }
+        other => other?,
+    };
     let claims = parse_claims(&payload_json, p)?;
     check_token_types(&header, &claims)?;
     Ok(UnverifiedToken {
@@ -287,19 +294,27 @@ fn check_token_types(header: &Header, claims: &Claims) -> Result<(), Denial> {
             ));
         }
     }
-    let typ = claims.str("typ");
-    if !typ.is_empty() && !typ.eq_ignore_ascii_case("Bearer") {
-        let what = match typ {
-            "ID" => "an ID token; send the access token",
-            "Refresh" | "Offline" => "a refresh token; send the access token",
-            _ => "not an access token",
-        };
-        return Err(Denial::new(
-            Reason::WrongTokenType,
-            format!("token typ is `{}`: this is {what}", printable(typ)),
-        ));
+    match payload_typ_denial(&claims.payload) {
+        Some(denial) => Err(denial),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// `wrong_token_type` when the payload `typ` is a string other than `Bearer`.
+fn payload_typ_denial(payload: &Map<String, Value>) -> Option<Denial> {
+    let typ = payload.get("typ").and_then(Value::as_str).unwrap_or_default();
+    if typ.is_empty() || typ.eq_ignore_ascii_case("Bearer") {
+        return None;
+    }
+    let what = match typ {
+        "ID" => "an ID token; send the access token",
+        "Refresh" | "Offline" => "a refresh token; send the access token",
+        _ => "not an access token",
+    };
+    Some(Denial::new(
+        Reason::WrongTokenType,
+        format!("token typ is `{}`: this is {what}", printable(typ)),
+    ))
 }
 
 fn opt_string(map: &Map<String, Value>, name: &str, part: &str) -> Result<Option<String>, Denial> {
@@ -519,5 +534,35 @@ impl<'de> serde::Deserialize<'de> for UniqueKeys {
             }
         }
         d.deserialize_map(ObjectVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compact(header: &str, payload: &str) -> String {
+        format!(
+            "{}.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        )
+    }
+
+    #[test]
+    fn keycloak_refresh_token_signed_hs512_is_a_wrong_token_type() {
+        // what Keycloak 26 issues as refresh_token: HS512 with the realm's HMAC key
+        let token = compact(
+            r#"{"alg":"HS512","typ":"JWT","kid":"245abfc2"}"#,
+            r#"{"exp":1796179408,"iss":"http://127.0.0.1:8080/realms/shop","typ":"Refresh","azp":"web-shop"}"#,
+        );
+        let denial = parse(&token).err().map(|d| d.reason);
+        assert_eq!(denial, Some(Reason::WrongTokenType));
+        // an HMAC access token stays unsupported_alg
+        let token = compact(
+            r#"{"alg":"HS512","typ":"JWT"}"#,
+            r#"{"exp":1796179408,"iss":"http://127.0.0.1:8080/realms/shop","typ":"Bearer"}"#,
+        );
+        assert_eq!(parse(&token).err().map(|d| d.reason), Some(Reason::UnsupportedAlg));
     }
 }

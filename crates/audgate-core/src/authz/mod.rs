@@ -7,6 +7,7 @@
 //! route's rule (client id, scopes, roles).
 
 pub mod claims;
+pub mod conditions;
 pub mod decision;
 pub mod hint;
 pub mod jwt;
@@ -14,6 +15,7 @@ pub mod path;
 pub mod reason;
 pub mod request;
 pub mod route;
+pub mod tenant;
 pub mod token;
 
 use std::collections::HashMap;
@@ -39,6 +41,8 @@ pub struct Policy {
     /// [`ClaimHeader::other_spellings`] of every claim header: removed on every allow.
     pub claim_header_spellings: Vec<String>,
     pub routes: RouteTable,
+    /// The `{tenant}` template of each templated issuer, indexed like `issuers`.
+    templates: Vec<Option<tenant::TenantTemplate>>,
 }
 
 impl Policy {
@@ -53,6 +57,7 @@ impl Policy {
             .iter()
             .flat_map(|h| ClaimHeader::other_spellings(&h.name))
             .collect();
+        let templates = vec![None; issuers.len()];
         Policy {
             issuers,
             by_iss,
@@ -60,7 +65,35 @@ impl Policy {
             claim_headers,
             claim_header_spellings,
             routes,
+            templates,
         }
+    }
+
+    /// Mark issuers as templated (`{tenant}` in `issuer`), indexed like `issuers`. Their
+    /// templates are never compared with `iss` literally.
+    pub fn with_templates(mut self, templates: Vec<Option<tenant::TenantTemplate>>) -> Self {
+        self.by_iss
+            .retain(|_, id| templates.get(*id).is_none_or(Option::is_none));
+        self.templates = templates;
+        self.templates.resize(self.issuers.len(), None);
+        self
+    }
+
+    /// The `{tenant}` template of an issuer, if it is templated.
+    pub fn template(&self, id: IssuerId) -> Option<&tenant::TenantTemplate> {
+        self.templates.get(id).and_then(Option::as_ref)
+    }
+
+    /// The issuer `iss` names and, for a templated one, the (accepted) tenant: an exact
+    /// issuer or alias first, then the templates in file order.
+    pub fn resolve_iss<'i>(&self, iss: &'i str) -> Option<(IssuerId, Option<&'i str>)> {
+        if let Some(id) = self.issuer_by_iss(iss) {
+            return Some((id, None));
+        }
+        self.templates
+            .iter()
+            .enumerate()
+            .find_map(|(id, t)| Some((id, Some(t.as_ref()?.tenant_of(iss)?))))
     }
 
     /// The issuer whose `issuer` or one of whose `issuer_aliases` equals `iss` exactly.
@@ -112,9 +145,21 @@ pub fn evaluate_with_memo<'p>(
     memo: &dyn TokenMemo,
     now: i64,
 ) -> Decision<'p> {
-    let verify = |token: jwt::UnverifiedToken<'_>, id: IssuerId| {
+    evaluate_tenants(policy, input, |id, _| keys(id), memo, now)
+}
+
+/// [`evaluate_with_memo`] where `keys` also gets the tenant of a templated issuer (each
+/// tenant has its own keys). Tokens of templated issuers are never remembered.
+pub fn evaluate_tenants<'p>(
+    policy: &'p Policy,
+    input: &CheckInput<'_>,
+    keys: impl Fn(IssuerId, Option<&str>) -> Option<Arc<KeySet>>,
+    memo: &dyn TokenMemo,
+    now: i64,
+) -> Decision<'p> {
+    let verify = |token: jwt::UnverifiedToken<'_>, id: IssuerId, tenant: Option<&str>| {
         let issuer = &policy.issuers[id];
-        let key_set = keys(id).ok_or_else(|| {
+        let key_set = keys(id, tenant).ok_or_else(|| {
             Denial::new(
                 Reason::KeysUnavailable,
                 format!("the keys of issuer {} have not been loaded yet", issuer.name),
@@ -129,13 +174,13 @@ pub fn evaluate_with_memo<'p>(
 /// which says loudly that the signature was not checked. Never used to answer a request, and
 /// never remembered.
 pub fn evaluate_without_signature<'p>(policy: &'p Policy, input: &CheckInput<'_>, now: i64) -> Decision<'p> {
-    let verify = |token: jwt::UnverifiedToken<'_>, id: IssuerId| {
+    let verify = |token: jwt::UnverifiedToken<'_>, id: IssuerId, _: Option<&str>| {
         jwt::accept_without_signature(token, id, &policy.issuers[id], now)
     };
     decide(policy, input, &verify, &NoMemo, now)
 }
 
-type Verifier<'v> = dyn Fn(jwt::UnverifiedToken<'_>, IssuerId) -> Result<VerifiedToken, Denial> + 'v;
+type Verifier<'v> = dyn Fn(jwt::UnverifiedToken<'_>, IssuerId, Option<&str>) -> Result<VerifiedToken, Denial> + 'v;
 
 fn decide<'p>(
     policy: &'p Policy,
@@ -168,10 +213,13 @@ fn decide<'p>(
             };
         }
     };
+    if route.passes_as_preflight(input) {
+        return Decision::allow(Some(route), Reason::CorsPreflight);
+    }
     if route.allow_anonymous {
         return Decision::allow(Some(route), Reason::Anonymous);
     }
-    let mut issuer = None;
+    let mut issuer = (None, None);
     let verified = authenticate(policy, route, input, verify, memo, now, &mut issuer);
     let mut decision = match verified {
         Err(denial) => Decision::deny(Some(route), denial),
@@ -187,7 +235,7 @@ fn decide<'p>(
             },
         },
     };
-    decision.issuer = issuer;
+    (decision.issuer, decision.tenant) = issuer;
     decision
 }
 
@@ -200,29 +248,50 @@ fn authenticate(
     verify: &Verifier<'_>,
     memo: &dyn TokenMemo,
     now: i64,
-    issuer: &mut Option<IssuerId>,
+    issuer: &mut (Option<IssuerId>, Option<String>),
 ) -> Result<VerifiedToken, Denial> {
     let raw = token::extract(&policy.token, input)?;
     if let Some(known) = memo.get(&raw) {
         let id = known.issuer();
-        *issuer = Some(id);
+        issuer.0 = Some(id);
         check_route_issuer(policy, route, id)?;
         jwt::check_times(known.claims(), policy.issuers[id].leeway, now)?;
         return Ok(known);
     }
     let parsed = jwt::parse(&raw)?;
     let iss = &parsed.claims.iss;
-    let id = policy.issuer_by_iss(iss).ok_or_else(|| {
+    let (id, tenant) = policy.resolve_iss(iss).ok_or_else(|| {
         Denial::new(
             Reason::UnknownIssuer,
             format!("iss `{}` is not a configured issuer", jwt::printable(iss)),
         )
     })?;
-    *issuer = Some(id);
+    let tenant = tenant.map(str::to_owned);
+    *issuer = (Some(id), tenant.clone());
     check_route_issuer(policy, route, id)?;
-    let verified = verify(parsed, id)?;
-    memo.put(&raw, &verified);
+    check_route_tenant(policy, route, id, tenant.as_deref())?;
+    let verified = verify(parsed, id, tenant.as_deref())?;
+    if tenant.is_none() {
+        memo.put(&raw, &verified);
+    }
     Ok(verified)
+}
+
+/// A route with `tenants` accepts tokens of a templated issuer only for those tenants.
+fn check_route_tenant(policy: &Policy, route: &Route, id: IssuerId, tenant: Option<&str>) -> Result<(), Denial> {
+    match tenant {
+        Some(t) if !route.tenants.is_empty() && !route.tenants.iter().any(|r| r == t) => Err(Denial::new(
+            Reason::UnknownIssuer,
+            format!(
+                "tenant `{}` of issuer {} is not accepted on route {} (accepts tenants {})",
+                jwt::printable(t),
+                policy.issuers[id].name,
+                route.name,
+                route.tenants.join(", ")
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn check_route_issuer(policy: &Policy, route: &Route, id: IssuerId) -> Result<(), Denial> {

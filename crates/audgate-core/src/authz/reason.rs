@@ -8,6 +8,8 @@ use std::fmt;
 pub enum Reason {
     Allowed,
     Anonymous,
+    /// A CORS preflight on a route with `allow_cors_preflight`.
+    CorsPreflight,
     MissingToken,
     MalformedToken,
     WrongTokenType,
@@ -19,15 +21,18 @@ pub enum Reason {
     NotYetValid,
     AudienceMismatch,
     InsufficientScope,
+    /// A `required_claims` entry does not hold.
+    ClaimMismatch,
     NoRoute,
     KeysUnavailable,
 }
 
 impl Reason {
     /// Every reason, in the order of SPEC.md's table.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Allowed,
         Reason::Anonymous,
+        Reason::CorsPreflight,
         Reason::MissingToken,
         Reason::MalformedToken,
         Reason::WrongTokenType,
@@ -39,6 +44,7 @@ impl Reason {
         Reason::NotYetValid,
         Reason::AudienceMismatch,
         Reason::InsufficientScope,
+        Reason::ClaimMismatch,
         Reason::NoRoute,
         Reason::KeysUnavailable,
     ];
@@ -48,6 +54,7 @@ impl Reason {
         match self {
             Reason::Allowed => "allowed",
             Reason::Anonymous => "anonymous",
+            Reason::CorsPreflight => "cors_preflight",
             Reason::MissingToken => "missing_token",
             Reason::MalformedToken => "malformed_token",
             Reason::WrongTokenType => "wrong_token_type",
@@ -59,6 +66,7 @@ impl Reason {
             Reason::NotYetValid => "not_yet_valid",
             Reason::AudienceMismatch => "audience_mismatch",
             Reason::InsufficientScope => "insufficient_scope",
+            Reason::ClaimMismatch => "claim_mismatch",
             Reason::NoRoute => "no_route",
             Reason::KeysUnavailable => "keys_unavailable",
         }
@@ -67,8 +75,8 @@ impl Reason {
     /// The HTTP status Envoy (or the HTTP endpoint) answers with.
     pub const fn http_status(self) -> u16 {
         match self {
-            Reason::Allowed | Reason::Anonymous => 200,
-            Reason::AudienceMismatch | Reason::InsufficientScope | Reason::NoRoute => 403,
+            Reason::Allowed | Reason::Anonymous | Reason::CorsPreflight => 200,
+            Reason::AudienceMismatch | Reason::InsufficientScope | Reason::ClaimMismatch | Reason::NoRoute => 403,
             Reason::KeysUnavailable => 503,
             _ => 401,
         }

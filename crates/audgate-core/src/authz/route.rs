@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use regex::Regex;
 
+use super::conditions::ClaimCondition;
 use super::request::{CheckInput, Target};
 
 /// Index of an issuer in [`super::Policy::issuers`].
@@ -163,12 +164,52 @@ pub struct Route {
     pub required_roles: Vec<Role>,
     pub allow_anonymous: bool,
     pub mode: Mode,
+    /// `required_claims`, in file order: every one must hold.
+    pub required_claims: Vec<ClaimCondition>,
+    /// `allow_cors_preflight`: a CORS preflight passes without a token.
+    pub allow_cors_preflight: bool,
+    /// `tenants`: the tenants of templated issuers this route accepts; empty: any.
+    pub tenants: Vec<String>,
 }
 
 impl Route {
     pub fn accepts_issuer(&self, id: IssuerId) -> bool {
         self.issuers.contains(&id)
     }
+
+    /// Whether the route applies to the request (`target` is its normalized form,
+    /// [`CheckInput::target`]). A CORS preflight on a route with
+    /// `allow_cors_preflight` is matched by the method it announces
+    /// (`Access-Control-Request-Method`), so `methods: [GET, POST]` covers their preflights.
+    pub fn matches(&self, input: &CheckInput<'_>, target: &Target<'_>) -> bool {
+        if self.matcher.matches(target) {
+            return true;
+        }
+        if !(self.allow_cors_preflight && is_cors_preflight(input)) {
+            return false;
+        }
+        let announced = input.header("access-control-request-method").unwrap_or_default().trim();
+        let as_announced = Target {
+            method: announced,
+            ..target.clone()
+        };
+        self.matcher.matches(&as_announced)
+    }
+
+    /// Whether this request passes as a CORS preflight on this route.
+    pub fn passes_as_preflight(&self, input: &CheckInput<'_>) -> bool {
+        self.allow_cors_preflight && is_cors_preflight(input)
+    }
+}
+
+/// A CORS preflight (Fetch standard): `OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`. A bare `OPTIONS` is an ordinary request.
+pub fn is_cors_preflight(input: &CheckInput<'_>) -> bool {
+    input.method.eq_ignore_ascii_case("OPTIONS")
+        && input.header("origin").is_some_and(|o| !o.trim().is_empty())
+        && input
+            .header("access-control-request-method")
+            .is_some_and(|m| !m.trim().is_empty())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,7 +297,7 @@ impl RouteTable {
             };
         }
         let target = input.target();
-        match self.candidates(target.host).find(|r| r.matcher.matches(&target)) {
+        match self.candidates(target.host).find(|r| r.matches(input, &target)) {
             Some(r) => Selected::Route(r),
             None => Selected::NoRoute { hint: None },
         }
@@ -302,6 +343,9 @@ mod tests {
             required_roles: vec![],
             allow_anonymous: false,
             mode: Mode::Enforce,
+            required_claims: vec![],
+            allow_cors_preflight: false,
+            tenants: vec![],
         }
     }
 

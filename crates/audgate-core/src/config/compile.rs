@@ -9,7 +9,9 @@ use regex::Regex;
 
 use super::raw::{self, ProxyKeyword, RawConfig, RawDuration, RawIssuer, RawRoute, RawSource, S};
 use super::{Config, Diagnostic, KeySource, KeySourceConfig, Listen, Proxy, lint};
+use crate::authz::conditions::ClaimCondition;
 use crate::authz::route::{ClientIdClaim, HostPattern, Match, Mode, PathMatch, Role};
+use crate::authz::tenant::{self, TenantSet, TenantTemplate};
 use crate::authz::{
     Alg, ClaimHeader, ClaimValue, DefaultAction, Issuer, Policy, Route, RouteTable, TokenConfig, TokenSource,
 };
@@ -74,13 +76,16 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
     let (issuers, key_sources) = issuers(&raw, &mut d);
     let token = token(raw.token.as_ref(), &mut d);
     let claim_headers = claim_headers(raw.claim_headers.as_ref(), &mut d);
-    let routes = routes(&raw, &issuers, &mut d);
+    let templates = templates(&raw, &mut d);
+    let mut routes = routes(&raw, &issuers, &mut d);
+    route_tenants(&raw, &mut routes, &templates, &mut d);
     let log_decisions = match raw.logging.as_ref().and_then(|l| l.decisions) {
         None | Some(raw::DecisionsKeyword::Denials) => super::LogDecisions::Denials,
         Some(raw::DecisionsKeyword::All) => super::LogDecisions::All,
         Some(raw::DecisionsKeyword::Off) => super::LogDecisions::Off,
     };
     let http_endpoint = http_endpoint(raw.http_endpoint.as_ref(), &mut d);
+    let tracing = raw.tracing.as_ref().map(|t| tracing(t, &mut d));
     if !d.errors.is_empty() {
         return Err(d.errors);
     }
@@ -90,7 +95,7 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
         Some(raw::DefaultKeyword::Allow) => DefaultAction::Allow,
         _ => DefaultAction::Deny,
     };
-    let policy = Policy::new(issuers, token, claim_headers, RouteTable::new(routes, default));
+    let policy = Policy::new(issuers, token, claim_headers, RouteTable::new(routes, default)).with_templates(templates);
     let config = Config {
         listen,
         policy,
@@ -108,6 +113,7 @@ pub(super) fn compile(raw: RawConfig, text: &str) -> Result<(Config, Vec<Diagnos
             }
         }),
         hash: hash_text(text),
+        tracing,
     };
     Ok((config, d.warnings))
 }
@@ -172,7 +178,81 @@ fn listen(raw: &raw::RawListen, d: &mut Diagnostics) -> Listen {
             }
         }
     }
+    listen.tls = raw.tls.as_ref().map(|t| tls(t, d));
     listen
+}
+
+fn tls(raw: &S<raw::RawTls>, d: &mut Diagnostics) -> super::TlsConfig {
+    let t = &raw.value;
+    let mut path = |v: &S<String>, name: &str| {
+        if v.value.trim().is_empty() {
+            d.error(v, format!("listen.tls.{name} is empty"));
+        }
+        PathBuf::from(&v.value)
+    };
+    let cert_file = path(&t.cert_file, "cert_file");
+    let key_file = path(&t.key_file, "key_file");
+    let client_ca_file = t.client_ca_file.as_ref().map(|v| path(v, "client_ca_file"));
+    let mut client_sans = Vec::new();
+    if let Some(sans) = &t.client_sans {
+        if client_ca_file.is_none() && !sans.value.is_empty() {
+            d.error(
+                sans,
+                "listen.tls.client_sans needs listen.tls.client_ca_file: without a client CA no client certificate is asked for",
+            );
+        }
+        for san in &sans.value {
+            if san.value.trim().is_empty() || san.value.chars().any(char::is_whitespace) {
+                d.error(
+                    san,
+                    format!("listen.tls.client_sans: `{}` is not a URI or DNS name", san.value),
+                );
+            }
+            client_sans.push(san.value.clone());
+        }
+    }
+    super::TlsConfig {
+        cert_file,
+        key_file,
+        client_ca_file,
+        client_sans,
+    }
+}
+
+fn tracing(raw: &S<raw::RawTracing>, d: &mut Diagnostics) -> super::TracingConfig {
+    use super::TracingConfig as T;
+    let t = &raw.value;
+    let otlp_endpoint = t.otlp_endpoint.as_ref().map_or(T::DEFAULT_ENDPOINT.to_owned(), |e| {
+        let value = e.value.trim_end_matches('/');
+        let rest = value.strip_prefix("http://");
+        if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
+            d.error(
+                e,
+                format!(
+                    "tracing.otlp_endpoint: `{}` is not an OTLP/gRPC address like http://otel-collector:4317 (plain http://: send to a collector on the node or in the pod for TLS)",
+                    e.value
+                ),
+            );
+        }
+        value.to_owned()
+    });
+    let sample_ratio = t.sample_ratio.as_ref().map_or(T::DEFAULT_SAMPLE_RATIO, |r| {
+        if !(0.0..=1.0).contains(&r.value) {
+            d.error(r, format!("tracing.sample_ratio: {} is not between 0 and 1", r.value));
+        }
+        r.value
+    });
+    let service_name = t.service_name.as_ref().map_or(T::DEFAULT_SERVICE_NAME.to_owned(), |s| {
+        if s.value.trim().is_empty() {
+            d.error(s, "tracing.service_name is empty");
+        }
+        s.value.clone()
+    });
+    T {
+        otlp_endpoint,
+        sample_ratio,
+        service_name,
+    }
 }
 
 /// `30s`, `5m`, `1h 30m` (humantime) or plain seconds.
@@ -405,10 +485,11 @@ fn claim_headers(raw: Option<&indexmap::IndexMap<String, S<String>>>, d: &mut Di
         let claim = match v {
             "$client_id" => ClaimValue::ClientId,
             "$payload" => ClaimValue::Payload,
+            "$tenant" => ClaimValue::Tenant,
             _ if v.starts_with('$') => {
                 d.error(
                     value,
-                    format!("claim_headers.{name}: `{v}` is not one of $client_id, $payload"),
+                    format!("claim_headers.{name}: `{v}` is not one of $client_id, $payload, $tenant"),
                 );
                 continue;
             }
@@ -524,6 +605,7 @@ fn routes(raw: &RawConfig, issuers: &[Issuer], d: &mut Diagnostics) -> Vec<Route
                 Role::parse(&role.value)
             })
             .collect();
+        let required_claims = required_claims(&name, r, d);
         routes.push(Route {
             name,
             matcher,
@@ -537,6 +619,9 @@ fn routes(raw: &RawConfig, issuers: &[Issuer], d: &mut Diagnostics) -> Vec<Route
                 Some(raw::ModeKeyword::DryRun) => Mode::DryRun,
                 _ => Mode::Enforce,
             },
+            required_claims,
+            allow_cors_preflight: r.allow_cors_preflight,
+            tenants: Vec::new(),
         });
     }
     routes
@@ -608,5 +693,174 @@ fn matcher(route: &str, raw: Option<&S<raw::RawMatch>>, d: &mut Diagnostics) -> 
 fn check_path(route: &str, p: &S<String>, d: &mut Diagnostics) {
     if !p.value.starts_with('/') {
         d.error(p, format!("route {route}: path `{}` must start with /", p.value));
+    }
+}
+
+/// `required_claims`: each entry compiled, each bad one an error at its value (or its key's
+/// mapping when the key itself is bad).
+fn required_claims(route: &str, r: &RawRoute, d: &mut Diagnostics) -> Vec<ClaimCondition> {
+    let Some(map) = &r.required_claims else {
+        return Vec::new();
+    };
+    if r.allow_anonymous {
+        d.error(
+            map,
+            format!("route {route}: `required_claims` cannot apply with `allow_anonymous: true` (no token is checked)"),
+        );
+    }
+    if map.value.is_empty() {
+        d.error(map, format!("route {route}: `required_claims` is empty"));
+    }
+    let mut out = Vec::new();
+    for (claim, value) in &map.value {
+        match ClaimCondition::parse(claim, &value.value) {
+            Ok(c) => out.push(c),
+            Err(e) => d.error(value, format!("route {route}: required_claims: {e}")),
+        }
+    }
+    out
+}
+
+/// Default and upper bound of `max_tenants`.
+const DEFAULT_MAX_TENANTS: u64 = 100;
+const MAX_MAX_TENANTS: u64 = 10_000;
+
+/// The `{tenant}` template of each issuer (`None` for a plain one), every misuse an error:
+/// `{tenant}` not exactly one whole path segment, `tenants` and `tenant_pattern` both or
+/// neither, a pattern that is not anchored or does not compile.
+fn templates(raw: &RawConfig, d: &mut Diagnostics) -> Vec<Option<TenantTemplate>> {
+    let mut out = Vec::new();
+    for (name, spanned) in &raw.issuers {
+        let i = &spanned.value;
+        let what = format!("issuer {name}");
+        let templated = i.issuer.value.contains(tenant::PLACEHOLDER);
+        if !templated {
+            for (given, key) in [
+                (i.tenants.is_some(), "tenants"),
+                (i.tenant_pattern.is_some(), "tenant_pattern"),
+                (i.max_tenants.is_some(), "max_tenants"),
+            ] {
+                if given {
+                    d.error(
+                        &i.issuer,
+                        format!("{what}: `{key}` needs `{{tenant}}` in `issuer` (like https://sso.example.com/realms/{{tenant}})"),
+                    );
+                }
+            }
+            for alias in &i.issuer_aliases {
+                if alias.value.contains(tenant::PLACEHOLDER) {
+                    d.error(
+                        alias,
+                        format!("{what}: an alias may hold `{{tenant}}` only when `issuer` does"),
+                    );
+                }
+            }
+            for url in [&i.discovery_url, &i.jwks_uri, &i.jwks_file].into_iter().flatten() {
+                if url.value.contains(tenant::PLACEHOLDER) {
+                    d.error(url, format!("{what}: `{{tenant}}` here needs `{{tenant}}` in `issuer`"));
+                }
+            }
+            out.push(None);
+            continue;
+        }
+        for t in std::iter::once(&i.issuer).chain(&i.issuer_aliases) {
+            if let Err(e) = tenant::check_template(&t.value) {
+                d.error(t, format!("{what}: {e}"));
+            }
+        }
+        for url in [&i.discovery_url, &i.jwks_uri].into_iter().flatten() {
+            if url.value.contains(tenant::PLACEHOLDER)
+                && let Err(e) = tenant::check_template(&url.value)
+            {
+                d.error(url, format!("{what}: {e}"));
+            }
+        }
+        if let Some(max) = &i.max_tenants {
+            if i.tenant_pattern.is_none() {
+                d.error(max, format!("{what}: `max_tenants` applies to `tenant_pattern` only"));
+            }
+            if max.value == 0 || max.value > MAX_MAX_TENANTS {
+                d.error(max, format!("{what}: max_tenants must be 1 to {MAX_MAX_TENANTS}"));
+            }
+        }
+        let set = match (&i.tenants, &i.tenant_pattern) {
+            (Some(list), None) => {
+                if list.value.is_empty() {
+                    d.error(list, format!("{what}: `tenants` is empty"));
+                }
+                let mut names: Vec<String> = Vec::new();
+                for t in &list.value {
+                    if let Err(e) = tenant::check_tenant_name(&t.value) {
+                        d.error(t, format!("{what}: {e}"));
+                    } else if names.contains(&t.value) {
+                        d.error(t, format!("{what}: tenant `{}` is listed twice", t.value));
+                    }
+                    names.push(t.value.clone());
+                }
+                TenantSet::Listed(names)
+            }
+            (None, Some(p)) => match tenant::compile_pattern(&p.value) {
+                Ok(regex) => TenantSet::Pattern {
+                    regex,
+                    max: usize::try_from(i.max_tenants.as_ref().map_or(DEFAULT_MAX_TENANTS, |m| m.value))
+                        .unwrap_or(usize::MAX),
+                },
+                Err(e) => {
+                    d.error(p, format!("{what}: {e}"));
+                    TenantSet::Listed(Vec::new())
+                }
+            },
+            _ => {
+                d.error(
+                    spanned,
+                    format!(
+                        "{what}: a `{{tenant}}` issuer needs exactly one of `tenants` (a list) or `tenant_pattern`"
+                    ),
+                );
+                TenantSet::Listed(Vec::new())
+            }
+        };
+        let templates = std::iter::once(&i.issuer)
+            .chain(&i.issuer_aliases)
+            .map(|t| t.value.as_str());
+        out.push(Some(TenantTemplate::new(templates, set)));
+    }
+    out
+}
+
+/// A route's `tenants`: each must be a tenant one of the route's templated issuers accepts.
+fn route_tenants(raw: &RawConfig, routes: &mut [Route], templates: &[Option<TenantTemplate>], d: &mut Diagnostics) {
+    for (spanned, route) in raw.routes.iter().zip(routes.iter_mut()) {
+        let Some(list) = &spanned.value.tenants else { continue };
+        let templated: Vec<&TenantTemplate> = route
+            .issuers
+            .iter()
+            .filter_map(|&id| templates.get(id).and_then(Option::as_ref))
+            .collect();
+        if templated.is_empty() {
+            d.error(
+                list,
+                format!(
+                    "route {}: `tenants` needs an issuer with `{{tenant}}` among the route's issuers",
+                    route.name
+                ),
+            );
+            continue;
+        }
+        if list.value.is_empty() {
+            d.error(list, format!("route {}: `tenants` is empty", route.name));
+        }
+        for t in &list.value {
+            if !templated.iter().any(|tpl| tpl.tenants.accepts(&t.value)) {
+                d.error(
+                    t,
+                    format!(
+                        "route {}: tenant `{}` is not accepted by the route's templated issuers (their `tenants` / `tenant_pattern`)",
+                        route.name, t.value
+                    ),
+                );
+            }
+            route.tenants.push(t.value.clone());
+        }
     }
 }

@@ -30,6 +30,8 @@ pub struct Config {
     pub log_decisions: LogDecisions,
     /// Hex digest of the file's bytes (the `audgate_config_info` label).
     pub hash: String,
+    /// `tracing:`: OpenTelemetry spans; `None` when the section is absent (no cost then).
+    pub tracing: Option<TracingConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,8 @@ pub struct Listen {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    /// `listen.tls`: TLS on the gRPC and HTTP listeners (admin stays plain).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for Listen {
@@ -45,6 +49,7 @@ impl Default for Listen {
             grpc: SocketAddr::from(([0, 0, 0, 0], 9191)),
             http: SocketAddr::from(([0, 0, 0, 0], 9192)),
             admin: SocketAddr::from(([0, 0, 0, 0], 9901)),
+            tls: None,
         }
     }
 }
@@ -68,6 +73,35 @@ impl LogDecisions {
             LogDecisions::Denials => verdict != crate::authz::Verdict::Allow,
         }
     }
+}
+
+/// `listen.tls`: where the certificate, key and (for mTLS) client CA are read from. The files
+/// themselves are read at start and whenever they change (src/tls.rs), not at config load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Require a client certificate issued by this CA.
+    pub client_ca_file: Option<PathBuf>,
+    /// The client certificate must carry one of these URI SANs (an entry with a `scheme:`,
+    /// such as a SPIFFE id) or DNS SANs; empty for any.
+    pub client_sans: Vec<String>,
+}
+
+/// `tracing:`: OpenTelemetry spans over OTLP/gRPC.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// `http://host:port` of an OTLP/gRPC receiver (an OpenTelemetry Collector).
+    pub otlp_endpoint: String,
+    /// The share of checks traced when no sampled parent came with them (0 to 1).
+    pub sample_ratio: f64,
+    pub service_name: String,
+}
+
+impl TracingConfig {
+    pub const DEFAULT_ENDPOINT: &str = "http://localhost:4317";
+    pub const DEFAULT_SAMPLE_RATIO: f64 = 0.01;
+    pub const DEFAULT_SERVICE_NAME: &str = "audgate";
 }
 
 /// Bounds of the verified-token cache; 0 entries turns it off.

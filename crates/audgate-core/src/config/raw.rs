@@ -24,6 +24,7 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     pub token_cache: Option<RawTokenCache>,
     pub logging: Option<RawLogging>,
+    pub tracing: Option<S<RawTracing>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -38,6 +39,25 @@ pub enum DecisionsKeyword {
     Denials,
     All,
     Off,
+}
+
+/// `tracing:` OpenTelemetry spans over OTLP/gRPC.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp_endpoint: Option<S<String>>,
+    pub sample_ratio: Option<S<f64>>,
+    pub service_name: Option<S<String>>,
+}
+
+/// `listen.tls`: TLS (and mTLS) on the gRPC and HTTP listeners.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: S<String>,
+    pub key_file: S<String>,
+    pub client_ca_file: Option<S<String>>,
+    pub client_sans: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -77,6 +97,7 @@ pub struct RawListen {
     pub grpc: Option<S<String>>,
     pub http: Option<S<String>>,
     pub admin: Option<S<String>>,
+    pub tls: Option<S<RawTls>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +115,11 @@ pub struct RawIssuer {
     pub min_refresh_interval: Option<S<RawDuration>>,
     pub leeway: Option<S<RawDuration>>,
     pub ca_file: Option<S<String>>,
+    /// A templated issuer (`{tenant}` in `issuer`): the tenants it accepts ...
+    pub tenants: Option<S<Vec<S<String>>>>,
+    /// ... or a pattern for them, with a bound on the tenants whose keys are held.
+    pub tenant_pattern: Option<S<String>>,
+    pub max_tenants: Option<S<u64>>,
 }
 
 /// `30s`, `5m`, `1h 30m` or a number of seconds.
@@ -155,6 +181,12 @@ pub struct RawRoute {
     pub mode: Option<ModeKeyword>,
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// Claim path -> a scalar or a list of scalars (checked in `compile`).
+    pub required_claims: Option<S<IndexMap<String, S<serde_json::Value>>>>,
+    #[serde(default)]
+    pub allow_cors_preflight: bool,
+    /// The tenants of templated issuers this route accepts.
+    pub tenants: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
