@@ -519,13 +519,17 @@ async fn module_soak() {
     })
     .await;
     let iss = stack.issuer.issuer_url();
-    let valid: Vec<String> = (0..50).map(|_| key.mint(keycloak_claims(&iss, "my-app"))).collect();
+    // every token lives past the whole run (keycloak_claims' are good for 5 minutes)
+    let exp = json!({"exp": common::now() + seconds + 600});
+    let valid: Vec<String> = (0..50)
+        .map(|_| key.mint(common::merge(keycloak_claims(&iss, "my-app"), exp.clone())))
+        .collect();
     assert_eq!(stack.wait_ready("/app/x", &valid[0]).await.status, 200);
     let expired = key.mint(common::merge(
         keycloak_claims(&iss, "my-app"),
         json!({"exp": common::now() - 3600, "iat": common::now() - 7200}),
     ));
-    let wrong_aud = key.mint(keycloak_claims(&iss, "someone-else"));
+    let wrong_aud = key.mint(common::merge(keycloak_claims(&iss, "someone-else"), exp.clone()));
     let attacker = TestKey::ec("attacker");
     let stack = std::sync::Arc::new(stack);
     let fetches_before = stack.issuer.jwks_fetches();
@@ -535,7 +539,10 @@ async fn module_soak() {
         let (valid, expired, wrong_aud) = (valid.clone(), expired.clone(), wrong_aud.clone());
         let attacker_header = |kid: String| json!({"alg": "ES256", "typ": "JWT", "kid": kid});
         let random_kid_tokens: Vec<String> = (0..20)
-            .map(|i| attacker.sign(&attacker_header(format!("soak-{i}")), &keycloak_claims(&iss, "my-app")))
+            .map(|i| {
+                let claims = common::merge(keycloak_claims(&iss, "my-app"), exp.clone());
+                attacker.sign(&attacker_header(format!("soak-{i}")), &claims)
+            })
             .collect();
         async move {
             let mut tasks = Vec::new();
