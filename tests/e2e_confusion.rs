@@ -1,8 +1,8 @@
 //! The request checked must be the request served (issue 16): path, host and header confusion
 //! through real proxies in front of the real binary.
 //!
-//! - Envoy 1.40 **without** `normalize_path` (its default), over gRPC and over `http_service`
-//!   with an HTTP/1 and an HTTP/2 cluster: dot segments raw, percent-encoded in any case, with
+//! - Envoy 1.40 **without** `normalize_path` (its default), over gRPC, with audgate inside Envoy
+//!   (the dynamic module) and over `http_service` with an HTTP/1 and an HTTP/2 cluster: dot segments raw, percent-encoded in any case, with
 //!   `;` parameters and above the root, repeated slashes, hosts with case, port and trailing
 //!   dot, never reach a protected resource through the anonymous route;
 //! - real nginx (`auth_request`) in nginx.org's wiring (`http_endpoint.proxy: nginx`) and in
@@ -10,7 +10,7 @@
 //!   headers never choose the request that is checked;
 //! - a WSGI upstream (Python's wsgiref, which merges `x_auth_subject` into
 //!   `HTTP_X_AUTH_SUBJECT`) never sees a client's underscore spelling of a claim header;
-//! - `token.forward: false` keeps the token from the upstream.
+//! - `token.forward: false` keeps the token from the upstream (ext_authz and the module).
 //!
 //! Requests are written on a raw TCP socket: HTTP client libraries resolve dot segments before
 //! sending, which would hide exactly what is tested here.
@@ -93,6 +93,16 @@ async fn raw(port: u16, method: &str, target: &str, headers: &[(&str, &str)]) ->
     (status, body)
 }
 
+/// Waits (up to [`KEYS_READY_TIMEOUT`]) until `GET /strict/x` with `auth` passes through
+/// `port`: audgate has loaded the issuer's keys. Panics with `what` and `logs()` on timeout.
+async fn wait_allowed(port: u16, auth: &str, what: &str, logs: impl Fn() -> String) {
+    let deadline = Instant::now() + KEYS_READY_TIMEOUT;
+    while raw(port, "GET", "/strict/x", &[("authorization", auth)]).await.0 != 200 {
+        assert!(Instant::now() < deadline, "{what}: keys never loaded\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Paths that name something under `/strict` once resolved, each spelled to look like
 /// `/open` (or the root) to a matcher that does not normalize.
 const STRICT_SPELLINGS: [&str; 12] = [
@@ -148,18 +158,23 @@ async fn assert_no_confusion(port: u16, what: &str, logs: impl Fn() -> String) {
     );
 }
 
+/// Envoy over gRPC ext_authz, and audgate inside Envoy (the dynamic module, which reads Envoy's
+/// `:path` and `:authority` as the CheckRequest carries them): the same cases in both.
 #[tokio::test]
-async fn envoy_grpc_without_normalize_path_checks_the_resolved_path_and_host() {
+async fn envoy_without_normalize_path_checks_the_resolved_path_and_host_in_both_modes() {
     let key = TestKey::rsa("k1");
-    let stack = Stack::start(&[&key], |iss| config(iss, "")).await;
-    let token = key.mint(merge(
-        keycloak_claims(&stack.issuer.issuer_url(), "web"),
-        json!({"aud": "api"}),
-    ));
-    stack.wait_ready("/strict/x", &token).await;
-    let rendered = std::fs::read_to_string(&stack.envoy.config_path).unwrap();
-    assert!(!rendered.contains("normalize_path"), "this Envoy must not normalize");
-    assert_no_confusion(stack.envoy.ports.listen, "envoy grpc", || stack.logs()).await;
+    for mode in [Mode::ExtAuthz, Mode::Module] {
+        let stack = ModeStack::start(mode, &[&key], |iss| config(iss, "")).await;
+        let token = key.mint(merge(
+            keycloak_claims(&stack.issuer.issuer_url(), "web"),
+            json!({"aud": "api"}),
+        ));
+        stack.wait_ready("/strict/x", &token).await;
+        let rendered = std::fs::read_to_string(&stack.envoy.config_path).unwrap();
+        assert!(!rendered.contains("normalize_path"), "this Envoy must not normalize");
+        let what = format!("envoy {mode:?}");
+        assert_no_confusion(stack.envoy.ports.listen, &what, || stack.logs()).await;
+    }
 }
 
 #[tokio::test]
@@ -190,19 +205,7 @@ async fn envoy_http_service_over_http1_and_http2_checks_the_resolved_path_and_ho
             "envoy http_service h1"
         };
         let auth = bearer(&token);
-        let deadline = Instant::now() + KEYS_READY_TIMEOUT;
-        while raw(envoy.ports.listen, "GET", "/strict/x", &[("authorization", &auth)])
-            .await
-            .0
-            != 200
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: keys never loaded\n{}",
-                audgate.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_allowed(envoy.ports.listen, &auth, what, || audgate.logs()).await;
         assert_no_confusion(envoy.ports.listen, what, || {
             format!("{}\n{}", audgate.logs(), envoy.logs())
         })
@@ -337,11 +340,7 @@ async fn nginx_auth_request_in_both_wirings_checks_the_request_nginx_serves() {
         let nginx = Nginx::start(wiring, audgate.ports.http, echo.port()).await;
         let logs = || format!("{}\n{}", audgate.logs(), nginx.process.logs());
         let auth = bearer(&token);
-        let deadline = Instant::now() + KEYS_READY_TIMEOUT;
-        while raw(nginx.port, "GET", "/strict/x", &[("authorization", &auth)]).await.0 != 200 {
-            assert!(Instant::now() < deadline, "{proxy}: keys never loaded\n{}", logs());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_allowed(nginx.port, &auth, proxy, logs).await;
         // every spoofed header, alone and all together, on a protected path and method
         let mut sets: Vec<Vec<(&str, &str)>> = SPOOFED.iter().map(|h| vec![*h]).collect();
         sets.push(SPOOFED.to_vec());
@@ -466,19 +465,7 @@ async fn underscore_spellings_of_claim_headers_never_reach_a_wsgi_upstream() {
     let grpc = Envoy::start(audgate.ports.grpc, upstream_port).await;
     let http = Envoy::start_http(audgate.ports.http, upstream_port).await;
     for (what, envoy) in [("grpc", &grpc), ("http_service", &http)] {
-        let deadline = Instant::now() + KEYS_READY_TIMEOUT;
-        while raw(envoy.ports.listen, "GET", "/strict/x", &[("authorization", &auth)])
-            .await
-            .0
-            != 200
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: keys never loaded\n{}",
-                audgate.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_allowed(envoy.ports.listen, &auth, what, || audgate.logs()).await;
         let spoofed = [
             ("x_auth_subject", "admin"),
             ("X_Auth_Subject", "root"),
@@ -511,100 +498,46 @@ async fn underscore_spellings_of_claim_headers_never_reach_a_wsgi_upstream() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn forward_false_keeps_the_token_from_the_upstream() {
+async fn forward_false_keeps_the_token_from_the_upstream_in_both_modes() {
     let key = TestKey::rsa("k1");
-    let stack = Stack::start(&[&key], |iss| {
-        config(
-            iss,
-            "token:\n  sources: [authorization, {cookie: session}, {query: access_token}]\n  forward: false",
-        )
-    })
-    .await;
-    let claims = merge(
-        keycloak_claims(&stack.issuer.issuer_url(), "web"),
-        json!({"aud": "api"}),
-    );
-    let sub = claims["sub"].clone();
-    let token = key.mint(claims);
-    stack.wait_ready("/strict/x", &token).await;
-    let port = stack.envoy.ports.listen;
+    for mode in [Mode::ExtAuthz, Mode::Module] {
+        let stack = ModeStack::start(mode, &[&key], |iss| {
+            config(
+                iss,
+                "token:\n  sources: [authorization, {cookie: session}, {query: access_token}]\n  forward: false",
+            )
+        })
+        .await;
+        let claims = merge(
+            keycloak_claims(&stack.issuer.issuer_url(), "web"),
+            json!({"aud": "api"}),
+        );
+        let sub = claims["sub"].clone();
+        let token = key.mint(claims);
+        stack.wait_ready("/strict/x", &token).await;
+        let port = stack.envoy.ports.listen;
+        let upstream =
+            |body: &str| -> Value { serde_json::from_str(body).unwrap_or_else(|e| panic!("{mode:?}: {e}: {body}")) };
 
-    let auth = bearer(&token);
-    let (status, body) = raw(port, "GET", "/strict/x", &[("authorization", &auth)]).await;
-    assert_eq!(status, 200, "{body}");
-    let seen: Value = serde_json::from_str(&body).unwrap();
-    assert!(seen["headers"].get("authorization").is_none(), "{seen}");
-    assert_eq!(seen["headers"]["x-auth-subject"], sub);
+        let auth = bearer(&token);
+        let (status, body) = raw(port, "GET", "/strict/x", &[("authorization", &auth)]).await;
+        assert_eq!(status, 200, "{mode:?}: {body}");
+        let seen = upstream(&body);
+        assert!(seen["headers"].get("authorization").is_none(), "{mode:?}: {seen}");
+        assert_eq!(seen["headers"]["x-auth-subject"], sub, "{mode:?}");
 
-    let cookie = format!("theme=dark; session={token}; lang=en");
-    let (status, body) = raw(port, "GET", "/strict/x", &[("cookie", &cookie)]).await;
-    assert_eq!(status, 200, "{body}");
-    let seen: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(seen["headers"]["cookie"], "theme=dark; lang=en", "{seen}");
+        let cookie = format!("theme=dark; session={token}; lang=en");
+        let (status, body) = raw(port, "GET", "/strict/x", &[("cookie", &cookie)]).await;
+        assert_eq!(status, 200, "{mode:?}: {body}");
+        assert_eq!(
+            upstream(&body)["headers"]["cookie"],
+            "theme=dark; lang=en",
+            "{mode:?}: {body}"
+        );
 
-    let (status, body) = raw(port, "GET", &format!("/strict/x?a=1&access_token={token}&b=2"), &[]).await;
-    assert_eq!(status, 200, "{body}");
-    let seen: Value = serde_json::from_str(&body).unwrap();
-    let path = seen["path"].as_str().unwrap();
-    assert!(
-        !path.contains(&token) && path.contains("a=1") && path.contains("b=2"),
-        "{path}"
-    );
-}
-
-// ---------------------------------------------------------------------------------------------
-// The same through audgate inside Envoy (the dynamic module, tests/envoy/dynamic_module.yaml):
-// the module reads Envoy's `:path` and `:authority` as ext_authz's CheckRequest carries them.
-// ---------------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn module_without_normalize_path_checks_the_resolved_path_and_host() {
-    let key = TestKey::rsa("k1");
-    let stack = ModeStack::start(Mode::Module, &[&key], |iss| config(iss, "")).await;
-    let token = key.mint(merge(
-        keycloak_claims(&stack.issuer.issuer_url(), "web"),
-        json!({"aud": "api"}),
-    ));
-    stack.wait_ready("/strict/x", &token).await;
-    let rendered = std::fs::read_to_string(&stack.envoy.config_path).unwrap();
-    assert!(!rendered.contains("normalize_path"), "this Envoy must not normalize");
-    assert_no_confusion(stack.envoy.ports.listen, "envoy module", || stack.logs()).await;
-}
-
-#[tokio::test]
-async fn module_forward_false_keeps_the_token_from_the_upstream() {
-    let key = TestKey::rsa("k1");
-    let stack = ModeStack::start(Mode::Module, &[&key], |iss| {
-        config(
-            iss,
-            "token:\n  sources: [authorization, {cookie: session}, {query: access_token}]\n  forward: false",
-        )
-    })
-    .await;
-    let claims = merge(
-        keycloak_claims(&stack.issuer.issuer_url(), "web"),
-        json!({"aud": "api"}),
-    );
-    let sub = claims["sub"].clone();
-    let token = key.mint(claims);
-    stack.wait_ready("/strict/x", &token).await;
-    let port = stack.envoy.ports.listen;
-    let upstream = |body: &str| -> Value { serde_json::from_str(body).unwrap() };
-
-    let auth = bearer(&token);
-    let (status, body) = raw(port, "GET", "/strict/x", &[("authorization", &auth)]).await;
-    assert_eq!(status, 200, "{body}");
-    let seen = upstream(&body);
-    assert!(seen["headers"].get("authorization").is_none(), "{seen}");
-    assert_eq!(seen["headers"]["x-auth-subject"], sub);
-
-    let cookie = format!("theme=dark; session={token}; lang=en");
-    let (status, body) = raw(port, "GET", "/strict/x", &[("cookie", &cookie)]).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(upstream(&body)["headers"]["cookie"], "theme=dark; lang=en", "{body}");
-
-    let (status, body) = raw(port, "GET", &format!("/strict/x?a=1&access_token={token}&b=2"), &[]).await;
-    assert_eq!(status, 200, "{body}");
-    let seen = upstream(&body);
-    assert_eq!(seen["path"], "/strict/x?a=1&b=2", "{seen}");
+        let target = format!("/strict/x?a=1&access_token={token}&b=2");
+        let (status, body) = raw(port, "GET", &target, &[]).await;
+        assert_eq!(status, 200, "{mode:?}: {body}");
+        assert_eq!(upstream(&body)["path"], "/strict/x?a=1&b=2", "{mode:?}");
+    }
 }

@@ -2302,6 +2302,45 @@ pub async fn get(client: &reqwest::Client, base: &str, path: &str, headers: &[(&
     Reply { status, headers, body }
 }
 
+/// [`get`] with `Authorization: Bearer <token>` plus `headers`.
+pub async fn get_with_token(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let auth = bearer(token);
+    let mut all: Vec<(&str, &str)> = vec![("authorization", auth.as_str())];
+    all.extend_from_slice(headers);
+    get(client, base, path, &all).await
+}
+
+/// Waits (up to [`KEYS_READY_TIMEOUT`]) until `GET {path}` on `base` with `token` stops answering
+/// 503 (audgate reachable, the issuer's keys loaded); the first other reply. Panics with `logs()`.
+pub async fn wait_keys_loaded(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    token: &str,
+    logs: impl Fn() -> String,
+) -> Reply {
+    let deadline = Instant::now() + KEYS_READY_TIMEOUT;
+    loop {
+        let reply = get_with_token(client, base, path, token, &[]).await;
+        if reply.status != 503 {
+            return reply;
+        }
+        assert!(
+            Instant::now() <= deadline,
+            "GET {path} with a valid token still answered 503 after {KEYS_READY_TIMEOUT:?} \
+             (audgate never loaded the keys?)\nlast reply:\n{reply}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Sends `{method} {url}` with `headers` (a `host` entry overrides the Host header); `Err`
 /// (with the reason) when no response arrives, e.g. a refused connection.
 pub async fn try_send(
@@ -2412,33 +2451,14 @@ impl Stack {
 
     /// `GET {path}` through Envoy with `Authorization: Bearer <token>` plus `headers`.
     pub async fn get_with_token(&self, path: &str, token: &str, headers: &[(&str, &str)]) -> Reply {
-        let auth = bearer(token);
-        let mut all: Vec<(&str, &str)> = vec![("authorization", auth.as_str())];
-        all.extend_from_slice(headers);
-        self.get(path, &all).await
+        get_with_token(&self.client, &self.envoy.url(), path, token, headers).await
     }
 
     /// Waits (up to [`KEYS_READY_TIMEOUT`]) until `GET {path}` with `token` stops answering 503,
     /// i.e. audgate is reachable and has loaded the keys of the token's issuer. Returns the first
     /// non-503 reply; panics with audgate's and Envoy's logs on timeout.
     pub async fn wait_ready(&self, path: &str, token: &str) -> Reply {
-        let deadline = Instant::now() + KEYS_READY_TIMEOUT;
-        loop {
-            let reply = self.get_with_token(path, token, &[]).await;
-            if reply.status != 503 {
-                return reply;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "GET {path} with a valid token still answered 503 after {:?} \
-                     (audgate never loaded the keys?)\nlast reply:\n{reply}\n{}\n{}",
-                    KEYS_READY_TIMEOUT,
-                    self.audgate.logs(),
-                    self.envoy.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_keys_loaded(&self.client, &self.envoy.url(), path, token, || self.logs()).await
     }
 
     /// The value of one counter or gauge from Envoy's admin `/stats` (e.g.
@@ -2801,29 +2821,12 @@ impl ModeStack {
 
     /// `GET {path}` through Envoy with `Authorization: Bearer <token>` plus `headers`.
     pub async fn get_with_token(&self, path: &str, token: &str, headers: &[(&str, &str)]) -> Reply {
-        let auth = bearer(token);
-        let mut all: Vec<(&str, &str)> = vec![("authorization", auth.as_str())];
-        all.extend_from_slice(headers);
-        self.get(path, &all).await
+        get_with_token(&self.client, &self.envoy.url(), path, token, headers).await
     }
 
     /// [`Stack::wait_ready`]: until `GET {path}` with `token` stops answering 503.
     pub async fn wait_ready(&self, path: &str, token: &str) -> Reply {
-        let deadline = Instant::now() + KEYS_READY_TIMEOUT;
-        loop {
-            let reply = self.get_with_token(path, token, &[]).await;
-            if reply.status != 503 {
-                return reply;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "GET {path} with a valid token still answered 503 after {KEYS_READY_TIMEOUT:?} \
-                     (keys never loaded?)\nlast reply:\n{reply}\n{}",
-                    self.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_keys_loaded(&self.client, &self.envoy.url(), path, token, || self.logs()).await
     }
 
     /// One counter or gauge from Envoy's admin `/stats`; `None` when absent.
