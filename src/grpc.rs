@@ -44,10 +44,7 @@ impl Authorization for AuthorizationService {
         let decision = check::check_traced(&snapshot, &input, call).await;
         let policy = &snapshot.config.policy;
         let response = authz::respond(policy, &decision);
-        let removal = match decision.verdict {
-            authz::Verdict::Allow | authz::Verdict::DryRunDeny => authz::token::removal(&policy.token, &input),
-            authz::Verdict::Deny | authz::Verdict::Error => authz::TokenRemoval::default(),
-        };
+        let removal = authz::token_removal(policy, &decision, &input);
         Ok(GrpcResponse::new(convert::check_response(response, removal)))
     }
 }

@@ -51,10 +51,7 @@ async fn authorize(Extract(state): Extract<Arc<State>>, request: Request) -> Res
                 route_hint: None,
             };
             let decision = check::check(&snapshot, &input).await;
-            let removal = match decision.verdict {
-                authz::Verdict::Allow | authz::Verdict::DryRunDeny => authz::token::removal(&policy.token, &input),
-                authz::Verdict::Deny | authz::Verdict::Error => authz::TokenRemoval::default(),
-            };
+            let removal = authz::token_removal(policy, &decision, &input);
             to_http(&authz::respond(policy, &decision), &removal)
         }
         Err(missing) => {

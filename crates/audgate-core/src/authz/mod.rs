@@ -102,6 +102,15 @@ impl Policy {
     }
 }
 
+/// What `token.forward: false` takes out of the request `decision` lets through: nothing on a
+/// deny or error (no upstream request), nothing when the token is forwarded.
+pub fn token_removal<'p>(policy: &'p Policy, decision: &Decision<'_>, input: &CheckInput<'_>) -> TokenRemoval<'p> {
+    match decision.verdict {
+        Verdict::Allow | Verdict::DryRunDeny => token::removal(&policy.token, input),
+        Verdict::Deny | Verdict::Error => TokenRemoval::default(),
+    }
+}
+
 /// A request the adapter could not read (a header its proxy's convention needs is missing):
 /// 403 `no_route`, since no route can be chosen for a request that is not known.
 pub fn unreadable_request<'p>(description: String) -> Decision<'p> {
