@@ -90,7 +90,7 @@ fn input<'a>(headers: &'a HashMap<String, String>, host: &'a str, path: &'a str)
         method: "GET",
         host,
         path,
-        headers,
+        headers: audgate::authz::Headers::Map(headers),
         route_hint: None,
     }
 }

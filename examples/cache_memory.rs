@@ -12,7 +12,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use audgate::authz::{self, CheckInput, Reason};
+use audgate::authz::{self, CheckInput, Headers, Reason};
 use audgate::config::TokenCacheConfig;
 use audgate::token_cache::TokenCache;
 
@@ -84,7 +84,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 method: "GET",
                 host: support::HOST,
                 path: support::PATH,
-                headers: &headers,
+                headers: Headers::Map(&headers),
                 route_hint: None,
             };
             let d = authz::evaluate_with_memo(policy, &input, keys, &memo, now);

@@ -494,7 +494,7 @@ fn cost(args: &Args) -> Result<(), Error> {
         method: &http.method,
         host: &http.host,
         path: &http.path,
-        headers: &http.headers,
+        headers: audgate::authz::Headers::Map(&http.headers),
         route_hint: None,
     };
     let keys = |id| snapshot.keys.current(id);

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::authz::route::ClientIdClaim;
-use crate::authz::{self, CheckInput, Decision, IssuerId, Policy, Reason, Selected, hint, jwt, token};
+use crate::authz::{self, CheckInput, Decision, Headers, IssuerId, Policy, Reason, Selected, hint, jwt, token};
 use crate::jwks::KeySet;
 
 /// The request to explain.
@@ -131,7 +131,7 @@ pub fn explain(
         method: &request.method,
         host: &request.host,
         path: &request.path,
-        headers: &headers,
+        headers: Headers::Map(&headers),
         route_hint: request.route.as_deref(),
     };
     let decision = match signatures {

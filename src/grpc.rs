@@ -61,7 +61,7 @@ mod convert {
     use envoy_types::pb::google::rpc;
 
     use super::ROUTE_CONTEXT_KEY;
-    use crate::authz::{CheckInput, Metadata, Response, TokenRemoval};
+    use crate::authz::{CheckInput, Headers, Metadata, Response, TokenRemoval};
 
     /// Borrow what the core needs from Envoy's request; `empty` stands in for absent headers.
     pub fn input<'a>(req: &'a CheckRequest, empty: &'a HashMap<String, String>) -> CheckInput<'a> {
@@ -80,7 +80,7 @@ mod convert {
             method: pick(http.map(|h| h.method.as_str()), ":method"),
             host: pick(http.map(|h| h.host.as_str()), ":authority"),
             path: pick(http.map(|h| h.path.as_str()), ":path"),
-            headers,
+            headers: Headers::Map(headers),
             route_hint: attributes
                 .and_then(|a| a.context_extensions.get(ROUTE_CONTEXT_KEY))
                 .map(String::as_str),

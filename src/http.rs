@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::Response;
 
 use crate::app::State;
-use crate::authz::{self, CheckInput};
+use crate::authz::{self, CheckInput, Headers};
 use crate::check;
 use crate::config::Proxy;
 
@@ -47,7 +47,7 @@ async fn authorize(Extract(state): Extract<Arc<State>>, request: Request) -> Res
                 method: &original.method,
                 host: &original.host,
                 path: &original.path,
-                headers: &headers,
+                headers: Headers::Map(&headers),
                 route_hint: None,
             };
             let decision = check::check(&snapshot, &input).await;
@@ -66,7 +66,7 @@ async fn authorize(Extract(state): Extract<Arc<State>>, request: Request) -> Res
                 method: parts.method.as_str(),
                 host: "",
                 path: own_path,
-                headers: &headers,
+                headers: Headers::Map(&headers),
                 route_hint: None,
             };
             check::record(&snapshot, &decision, &input, started);

@@ -12,7 +12,6 @@
 //!   did not take (`reason="export_failed"`). One task exports in batches.
 //! - Without `tracing:` none of this exists: the check path tests one `Option`.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
@@ -30,6 +29,7 @@ use opentelemetry_sdk::trace::{
 };
 use tokio::sync::{mpsc, watch};
 
+use crate::authz::Headers;
 use crate::config::TracingConfig;
 use crate::metrics;
 
@@ -99,11 +99,11 @@ impl Telemetry {
 
     /// Start a check's span. The parent comes from `grpc` (the call's metadata) when it has a
     /// `traceparent`, else from the checked request's `headers`.
-    pub fn start_check(&self, grpc: Carrier<'_>, headers: &HashMap<String, String>) -> CheckSpan {
+    pub fn start_check(&self, grpc: Carrier<'_>, headers: Headers<'_>) -> CheckSpan {
         let parent = if grpc.traceparent.is_some() {
             self.propagator.extract(&grpc)
         } else {
-            self.propagator.extract(headers)
+            self.propagator.extract(&RequestHeaders(headers))
         };
         let span = self
             .tracer
@@ -144,6 +144,19 @@ impl Extractor for Carrier<'_> {
 
     fn keys(&self) -> Vec<&str> {
         vec!["traceparent", "tracestate"]
+    }
+}
+
+/// The checked request's headers, as the propagator reads them.
+struct RequestHeaders<'a>(Headers<'a>);
+
+impl Extractor for RequestHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.names()
     }
 }
 

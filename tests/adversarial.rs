@@ -115,7 +115,7 @@ impl Core {
             method: "GET",
             host: "api.example.com",
             path,
-            headers: &map,
+            headers: audgate::authz::Headers::Map(&map),
             route_hint: None,
         };
         let policy = &self.loaded.config.policy;

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use audgate::authz::{self, CheckInput, Reason, Verdict};
+use audgate::authz::{self, CheckInput, Headers, Reason, Verdict};
 use audgate::config::{self, Loaded};
 use audgate::jwks::KeySet;
 use common::{TestKey, b64url, hs256_jws, jwks, keycloak_claims, merge, unsigned_jws};
@@ -136,7 +136,7 @@ impl Core {
             method: r.method,
             host: r.host,
             path: r.path,
-            headers: &headers,
+            headers: Headers::Map(&headers),
             route_hint: r.hint,
         };
         let policy = &self.loaded.config.policy;

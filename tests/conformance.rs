@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use audgate::authz::{self, CheckInput, Verdict};
+use audgate::authz::{self, CheckInput, Headers, Verdict};
 use audgate::config;
 use audgate::jwks::KeySet;
 use serde_json::Value;
@@ -57,7 +57,7 @@ fn run_case(case: &Value, long_leeway: i64) -> String {
         method: "GET",
         host: "conformance.test",
         path: "/",
-        headers: &headers,
+        headers: Headers::Map(&headers),
         route_hint: None,
     };
     let decision = authz::evaluate(&loaded.config.policy, &input, |_| Some(keys.clone()), now());

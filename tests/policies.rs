@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use audgate::authz::{self, CheckInput, Reason, Verdict};
+use audgate::authz::{self, CheckInput, Headers, Reason, Verdict};
 use audgate::config::{self, Loaded};
 use audgate::explain::{self, Request, Signatures};
 use audgate::jwks::KeySet;
@@ -98,7 +98,7 @@ impl Core {
             method,
             host: "api.example.com",
             path,
-            headers: &headers,
+            headers: Headers::Map(&headers),
             route_hint: None,
         };
         let policy = &self.loaded.config.policy;
@@ -481,7 +481,7 @@ routes:
             method: "GET",
             host: "h",
             path,
-            headers: &headers,
+            headers: Headers::Map(&headers),
             route_hint: None,
         };
         let keys = |_, tenant: Option<&str>| match tenant {

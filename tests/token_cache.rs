@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use audgate::authz::{self, CheckInput, Reason};
+use audgate::authz::{self, CheckInput, Headers, Reason};
 use audgate::check::Snapshot;
 use audgate::config::{self, TokenCacheConfig};
 use audgate::jwks::KeyStore;
@@ -36,7 +36,7 @@ fn decide(s: &Snapshot, path: &str, token: &str, now: i64) -> Reason {
         method: "GET",
         host: "h",
         path,
-        headers: &headers,
+        headers: Headers::Map(&headers),
         route_hint: None,
     };
     let memo = s.tokens.view(&s.keys);
@@ -168,7 +168,7 @@ fn bounded_in_entries_and_bytes() {
                 method: "GET",
                 host: "h",
                 path: "/",
-                headers: &headers,
+                headers: Headers::Map(&headers),
                 route_hint: None,
             };
             let d = authz::evaluate_with_memo(&loaded.config.policy, &input, |_| Some(keyset.clone()), &memo, t);

@@ -26,7 +26,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use audgate::authz::{self, CheckInput, DefaultAction, Reason, TokenMemo, Verdict, VerifiedToken, jwt};
+use audgate::authz::{self, CheckInput, DefaultAction, Headers, Reason, TokenMemo, Verdict, VerifiedToken, jwt};
 use audgate::config;
 use audgate::jwks::KeySet;
 use aws_lc_rs::rand::SystemRandom;
@@ -651,7 +651,7 @@ pub fn evaluate_target(data: &[u8]) {
         method: &method,
         host: &host,
         path: &path,
-        headers: &headers,
+        headers: Headers::Map(&headers),
         route_hint: case.send_hint.then_some(hint.as_str()),
     };
     check_request(f, &input);
@@ -853,7 +853,7 @@ pub fn config_target(data: &[u8]) {
             method: "GET",
             host,
             path,
-            headers: &headers,
+            headers: Headers::Map(&headers),
             route_hint: None,
         };
         let d = authz::evaluate(policy, &input, |_| None, NOW);
@@ -926,7 +926,7 @@ pub fn path_target(data: &[u8]) {
         method: "GET",
         host: "shop.example.com",
         path: raw,
-        headers: &headers,
+        headers: Headers::Map(&headers),
         route_hint: None,
     };
     let policy = path_policy();

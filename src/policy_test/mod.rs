@@ -32,7 +32,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use serde_saphyr::Spanned;
 
-use crate::authz::{self, Alg, CheckInput, Policy, Reason, hint, jwt};
+use crate::authz::{self, Alg, CheckInput, Headers, Policy, Reason, hint, jwt};
 use crate::config::{self, Diagnostic};
 use signer::Signer;
 
@@ -293,7 +293,7 @@ fn run_case(policy: &Policy, case: &Prepared, keys: &Arc<crate::jwks::KeySet>, n
         method: case.request.method.as_deref().unwrap_or("GET"),
         host: case.request.host.as_deref().unwrap_or(""),
         path: case.request.path.as_deref().unwrap_or("/"),
-        headers: &headers,
+        headers: Headers::Map(&headers),
         route_hint: case.request.route.as_deref(),
     };
     let decision = authz::evaluate(policy, &input, |_| Some(Arc::clone(keys)), now);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use audgate_core::authz::{self, CheckInput, Decision, Reason, Verdict};
+use audgate_core::authz::{self, CheckInput, Decision, Headers, Reason, Verdict};
 use audgate_core::config::{self, Config};
 use audgate_keys::token_cache::TokenCache;
 use audgate_keys::{IssuerKeys, KeyStore};
@@ -268,7 +268,7 @@ fn input<'a>(headers: &'a HashMap<String, String>, route_hint: Option<&'a str>) 
         method: get(":method"),
         host: get(":authority"),
         path: get(":path"),
-        headers,
+        headers: Headers::Map(headers),
         route_hint,
     }
 }
@@ -296,11 +296,7 @@ fn finish(snapshot: &Snapshot, input: &CheckInput<'_>, decision: &Decision<'_>, 
                 stream.set_request_header(name, value);
             }
             // removing a header the request does not carry is a no-op: skip the call
-            for name in response
-                .remove_headers
-                .iter()
-                .filter(|n| input.headers.contains_key(**n))
-            {
+            for name in response.remove_headers.iter().filter(|n| input.headers.contains(n)) {
                 stream.remove_request_header(name);
             }
             let removal = authz::token::removal(&policy.token, input);

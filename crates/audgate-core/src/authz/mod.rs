@@ -24,7 +24,7 @@ use std::sync::Arc;
 pub use decision::{ClaimHeader, ClaimValue, Decision, Metadata, NO_ROUTE, Response, Verdict, respond};
 pub use jwt::{Alg, Issuer, VerifiedToken};
 pub use reason::{Denial, Reason};
-pub use request::CheckInput;
+pub use request::{CheckInput, Headers};
 pub use route::{DefaultAction, IssuerId, Route, RouteTable, Selected};
 pub use token::{TokenConfig, TokenRemoval, TokenSource};
 

@@ -14,14 +14,14 @@ pub struct CheckInput<'a> {
     pub host: &'a str,
     /// The raw request path, possibly with a query string.
     pub path: &'a str,
-    pub headers: &'a HashMap<String, String>,
+    pub headers: Headers<'a>,
     /// A route picked by name (Envoy's `context_extensions["audgate.route"]`).
     pub route_hint: Option<&'a str>,
 }
 
 impl<'a> CheckInput<'a> {
     pub fn header(&self, name: &str) -> Option<&'a str> {
-        self.headers.get(name).map(String::as_str)
+        self.headers.get(name)
     }
 
     /// The host as route matching sees it: without a port and without a trailing dot
@@ -59,6 +59,38 @@ impl<'a> CheckInput<'a> {
     }
 }
 
+/// The request's headers as the adapter holds them. Names are lower-case and each appears once
+/// (repeated headers joined with `,`); should a name appear twice in `Pairs`, the last counts,
+/// as in a decoded protobuf map.
+#[derive(Debug, Clone, Copy)]
+pub enum Headers<'a> {
+    Map(&'a HashMap<String, String>),
+    /// Borrowed straight from the wire (the gRPC adapter's lean decode, the Envoy module): no
+    /// map is built for the handful of lookups a check makes.
+    Pairs(&'a [(&'a str, &'a str)]),
+}
+
+impl<'a> Headers<'a> {
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        match *self {
+            Headers::Map(map) => map.get(name).map(String::as_str),
+            Headers::Pairs(pairs) => pairs.iter().rev().find(|(n, _)| *n == name).map(|(_, v)| *v),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Every header name (for trace-context extraction).
+    pub fn names(&self) -> Vec<&'a str> {
+        match *self {
+            Headers::Map(map) => map.keys().map(String::as_str).collect(),
+            Headers::Pairs(pairs) => pairs.iter().map(|(n, _)| *n).collect(),
+        }
+    }
+}
+
 /// The request as route matching sees it, computed once per check.
 #[derive(Debug, Clone)]
 pub struct Target<'a> {
@@ -91,7 +123,7 @@ mod tests {
             method: "GET",
             host,
             path,
-            headers,
+            headers: Headers::Map(headers),
             route_hint: None,
         }
     }
@@ -118,6 +150,16 @@ mod tests {
         let h = HashMap::new();
         let t = input("A.example.com.", "/public/%2e%2e/strict?x=/../", &h).target();
         assert_eq!((t.host, t.path.as_ref()), ("A.example.com", "/strict"));
+    }
+
+    #[test]
+    fn pairs_answer_like_the_map_they_stand_for() {
+        let pairs = [("a", "1"), ("b", "2"), ("a", "3")];
+        let headers = Headers::Pairs(&pairs);
+        assert_eq!(headers.get("a"), Some("3"), "the last of a repeated name counts");
+        assert_eq!(headers.get("b"), Some("2"));
+        assert!(!headers.contains("c"));
+        assert_eq!(headers.names(), ["a", "b", "a"]);
     }
 
     #[test]

@@ -355,7 +355,7 @@ mod tests {
             method,
             host,
             path,
-            headers: &headers,
+            headers: crate::authz::Headers::Map(&headers),
             route_hint: hint,
         };
         match table.select(&input) {
@@ -475,7 +475,7 @@ mod tests {
                     method: "GET",
                     host,
                     path,
-                    headers: &headers,
+                    headers: crate::authz::Headers::Map(&headers),
                     route_hint: None,
                 };
                 let target = input.target();

@@ -251,7 +251,7 @@ mod tests {
             method: "GET",
             host: "h",
             path,
-            headers: &headers,
+            headers: crate::authz::Headers::Map(&headers),
             route_hint: None,
         };
         let config = TokenConfig {
@@ -351,7 +351,7 @@ mod tests {
             method: "GET",
             host: "h",
             path: "/x?a=1&access%5Ftoken=abc",
-            headers: &headers,
+            headers: crate::authz::Headers::Map(&headers),
             route_hint: None,
         };
         let mut config = TokenConfig {
@@ -374,7 +374,7 @@ mod tests {
 
         let basic: HashMap<String, String> = [("authorization".to_string(), "Basic dXNlcg==".to_string())].into();
         let input = CheckInput {
-            headers: &basic,
+            headers: crate::authz::Headers::Map(&basic),
             path: "/",
             ..input
         };
