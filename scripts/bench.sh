@@ -4,7 +4,8 @@
 #   2. gRPC load straight to the ext_authz port, side by side with an allow-all floor server
 #      built by the bench (examples/allow_all.rs), by our own load generator (examples/loadgen.rs)
 #   3. end to end through real Envoy with wrk: no auth, jwt_authn, jwt_authn + jwt_cache_config,
-#      ext_authz -> allow-all, ext_authz -> audgate                (benches/envoy/bench.yaml)
+#      ext_authz -> allow-all, ext_authz -> audgate, and over http_service: allow-all HTTP,
+#      audgate's HTTP endpoint                                      (benches/envoy/bench.yaml)
 #   4. memory: audgate's RSS idle and under load with 100,000 distinct tokens
 #   5. with --instructions: instructions per check under callgrind, floor vs audgate
 #      (scripts/bench-instructions.sh): the measure that other load on the machine cannot move
@@ -13,7 +14,7 @@
 #
 # Placement: every server (audgate, the floor, Envoy) on CPU $BENCH_SERVER_CPU (default 0), the
 # load (loadgen, wrk) on CPU $BENCH_LOAD_CPU (default 1), with taskset. Loopback only; ports
-# 27100-27104, 27191-27192, 27291, 27391-27392, 27401-27442, 27591-27592, 27901-27909, 27915.
+# 27100-27104, 27110-27111, 27191-27192, 27291-27292, 27391-27392, 27401-27442, 27591-27592, 27901-27909, 27915.
 #
 # usage: scripts/bench.sh [--rounds N] [--duration S] [--quick] [--no-build]
 #                         [--skip-micro] [--skip-grpc] [--skip-envoy] [--skip-memory]
@@ -184,6 +185,9 @@ if rows["WRK"]:
         targets.append(("Envoy: audgate >= 1.15x jwt_authn without cache", f"{x:.2f}x", x >= 1.15))
         x = ratio("ext_authz-audgate", "jwt_authn-cache")
         targets.append(("Envoy: audgate vs jwt_authn with jwt_cache_config (for information)", f"{x:.2f}x", None))
+    if "http-audgate" in labels:
+        x = ratio("http-audgate", "http-floor")
+        targets.append(("Envoy http_service: audgate's HTTP endpoint vs allow-all HTTP (for information)", f"{x:.2f}x", None))
 
 mem = {r["label"]: r for r in rows["MEM"]}
 if mem:
@@ -239,7 +243,7 @@ if [ "$ENVOY" = 1 ]; then
   fi
 fi
 
-for port in 27100 27101 27102 27103 27104 27191 27291 27391 27591 27901 27902 27909 27915; do
+for port in 27100 27101 27102 27103 27104 27110 27111 27191 27292 27291 27391 27591 27901 27902 27909 27915; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "bench.sh: port $port is already in use on 127.0.0.1" >&2; exit 1
   fi
@@ -322,7 +326,7 @@ fi
 # ------------------------------------------------------------------------------------- servers
 if [ "$GRPC" = 1 ] || [ "$ENVOY" = 1 ] || [ "$MEMORY" = 1 ]; then
   echo "== starting servers on CPU $SERVER_CPU" >&2
-  start allow_all "$REL/examples/allow_all" --listen 127.0.0.1:27291; FLOOR_PID=$STARTED
+  start allow_all "$REL/examples/allow_all" --listen 127.0.0.1:27291 --http 127.0.0.1:27292; FLOOR_PID=$STARTED
   # audgate serve as shipped: default log level (info: one decision line per check, to
   # /dev/null here), metrics on
   taskset -c "$SERVER_CPU" "$REL/audgate" serve --config "$OUT/audgate.yaml" 2>/dev/null &
@@ -390,11 +394,12 @@ if [ "$ENVOY" = 1 ]; then
   WRK_ARGS=(-t1 -c"$CONNS" --latency -H "Host: shop.bench.test" -H "authorization: Bearer $TOKEN")
   while IFS= read -r h; do WRK_ARGS+=(-H "$h"); done < "$OUT/wrk-headers.txt"
   URL_PATH="/api/orders/7?expand=items"
-  declare -A LISTENER=([noauth]=27100 [jwt_authn]=27101 [jwt_authn-cache]=27102 [ext_authz-floor]=27103 [ext_authz-audgate]=27104)
-  declare -A AUTHZ_PID=([ext_authz-floor]=$FLOOR_PID [ext_authz-audgate]=$AUDGATE_PID)
+  declare -A LISTENER=([noauth]=27100 [jwt_authn]=27101 [jwt_authn-cache]=27102 [ext_authz-floor]=27103 [ext_authz-audgate]=27104
+    [http-floor]=27110 [http-audgate]=27111)
+  declare -A AUTHZ_PID=([ext_authz-floor]=$FLOOR_PID [ext_authz-audgate]=$AUDGATE_PID [http-floor]=$FLOOR_PID [http-audgate]=$AUDGATE_PID)
   for round in $(seq 1 "$ROUNDS"); do
     echo "== Envoy round $round/$ROUNDS" >&2
-    for label in noauth jwt_authn jwt_authn-cache ext_authz-floor ext_authz-audgate; do
+    for label in noauth jwt_authn jwt_authn-cache ext_authz-floor ext_authz-audgate http-floor http-audgate; do
       url="http://127.0.0.1:${LISTENER[$label]}$URL_PATH"
       taskset -c "$LOAD_CPU" wrk "${WRK_ARGS[@]}" -d"$WARMUP"s "$url" >/dev/null
       auth=${AUTHZ_PID[$label]:-}
