@@ -14,7 +14,7 @@
 #
 # Placement: every server (audgate, the floor, Envoy) on CPU $BENCH_SERVER_CPU (default 0), the
 # load (loadgen, wrk) on CPU $BENCH_LOAD_CPU (default 1), with taskset. Loopback only; ports
-# 27100-27104, 27110-27111, 27191-27192, 27291-27292, 27391-27392, 27401-27442, 27591-27592, 27901-27909, 27915.
+# 27100-27104, 27110-27112, 27191-27192, 27291-27293, 27391-27392, 27401-27442, 27591-27592, 27901-27909, 27915.
 #
 # usage: scripts/bench.sh [--rounds N] [--duration S] [--quick] [--no-build]
 #                         [--skip-micro] [--skip-grpc] [--skip-envoy] [--skip-memory]
@@ -185,6 +185,9 @@ if rows["WRK"]:
         targets.append(("Envoy: audgate >= 1.15x jwt_authn without cache", f"{x:.2f}x", x >= 1.15))
         x = ratio("ext_authz-audgate", "jwt_authn-cache")
         targets.append(("Envoy: audgate vs jwt_authn with jwt_cache_config (for information)", f"{x:.2f}x", None))
+    if "ext_authz-floor-rich" in labels:
+        x = ratio("ext_authz-audgate", "ext_authz-floor-rich")
+        targets.append(("Envoy: audgate vs allow-all answering like audgate (for information)", f"{x:.2f}x", None))
     if "http-audgate" in labels:
         x = ratio("http-audgate", "http-floor")
         targets.append(("Envoy http_service: audgate's HTTP endpoint vs allow-all HTTP (for information)", f"{x:.2f}x", None))
@@ -243,7 +246,7 @@ if [ "$ENVOY" = 1 ]; then
   fi
 fi
 
-for port in 27100 27101 27102 27103 27104 27110 27111 27191 27292 27291 27391 27591 27901 27902 27909 27915; do
+for port in 27100 27101 27102 27103 27104 27110 27111 27112 27191 27292 27293 27291 27391 27591 27901 27902 27909 27915; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "bench.sh: port $port is already in use on 127.0.0.1" >&2; exit 1
   fi
@@ -327,13 +330,14 @@ fi
 if [ "$GRPC" = 1 ] || [ "$ENVOY" = 1 ] || [ "$MEMORY" = 1 ]; then
   echo "== starting servers on CPU $SERVER_CPU" >&2
   start allow_all "$REL/examples/allow_all" --listen 127.0.0.1:27291 --http 127.0.0.1:27292; FLOOR_PID=$STARTED
-  # audgate serve as shipped: default log level (info: one decision line per check, to
-  # /dev/null here), metrics on
+  start allow_all-rich "$REL/examples/allow_all" --listen 127.0.0.1:27293 --rich; RICH_PID=$STARTED
+  # audgate serve as shipped: default logging (a decision line for each denial, none for an
+  # allow; stderr to /dev/null here), metrics on
   taskset -c "$SERVER_CPU" "$REL/audgate" serve --config "$OUT/audgate.yaml" 2>/dev/null &
   AUDGATE_PID=$!; PIDS+=("$AUDGATE_PID")
   taskset -c "$SERVER_CPU" "$REL/audgate" serve --config "$OUT/audgate-nocache.yaml" 2>/dev/null &
   NOCACHE_PID=$!; PIDS+=("$NOCACHE_PID")
-  wait_port 27291
+  wait_port 27291; wait_port 27293
   wait_ready http://127.0.0.1:27901/readyz
   wait_ready http://127.0.0.1:27902/readyz
   sleep 1
@@ -395,11 +399,12 @@ if [ "$ENVOY" = 1 ]; then
   while IFS= read -r h; do WRK_ARGS+=(-H "$h"); done < "$OUT/wrk-headers.txt"
   URL_PATH="/api/orders/7?expand=items"
   declare -A LISTENER=([noauth]=27100 [jwt_authn]=27101 [jwt_authn-cache]=27102 [ext_authz-floor]=27103 [ext_authz-audgate]=27104
-    [http-floor]=27110 [http-audgate]=27111)
-  declare -A AUTHZ_PID=([ext_authz-floor]=$FLOOR_PID [ext_authz-audgate]=$AUDGATE_PID [http-floor]=$FLOOR_PID [http-audgate]=$AUDGATE_PID)
+    [ext_authz-floor-rich]=27112 [http-floor]=27110 [http-audgate]=27111)
+  declare -A AUTHZ_PID=([ext_authz-floor]=$FLOOR_PID [ext_authz-audgate]=$AUDGATE_PID [ext_authz-floor-rich]=$RICH_PID
+    [http-floor]=$FLOOR_PID [http-audgate]=$AUDGATE_PID)
   for round in $(seq 1 "$ROUNDS"); do
     echo "== Envoy round $round/$ROUNDS" >&2
-    for label in noauth jwt_authn jwt_authn-cache ext_authz-floor ext_authz-audgate http-floor http-audgate; do
+    for label in noauth jwt_authn jwt_authn-cache ext_authz-floor ext_authz-audgate ext_authz-floor-rich http-floor http-audgate; do
       url="http://127.0.0.1:${LISTENER[$label]}$URL_PATH"
       taskset -c "$LOAD_CPU" wrk "${WRK_ARGS[@]}" -d"$WARMUP"s "$url" >/dev/null
       auth=${AUTHZ_PID[$label]:-}
