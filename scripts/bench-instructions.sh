@@ -82,9 +82,10 @@ measure() { # LABEL PORT TOKENS -- COMMAND...
 measure floor 28291 tokens-rs256-1.txt -- "$REL/examples/allow_all" --listen 127.0.0.1:28291
 measure cached 28191 tokens-rs256-1.txt -- "$REL/audgate" serve --config "$(config_on "$OUT/audgate.yaml" 28191)"
 measure uncached-RS256 28391 tokens-rs256-1.txt -- "$REL/audgate" serve --config "$(config_on "$OUT/audgate-nocache.yaml" 28391)"
-measure v-nolog 28491 tokens-rs256-1.txt -- "$REL/examples/serve_variant" --config "$(config_on "$OUT/audgate.yaml" 28491)" --log warn
+LOGALL=$(config_on "$OUT/audgate.yaml" 28491)
+printf 'logging:\n  decisions: all\n' >> "$LOGALL"
+measure cached-logall 28491 tokens-rs256-1.txt -- "$REL/audgate" serve --config "$LOGALL"
 measure v-lean 28494 tokens-rs256-1.txt -- "$REL/examples/serve_variant" --config "$(config_on "$OUT/audgate.yaml" 28494)" --log warn --metrics off
-measure v-synclog 28497 tokens-rs256-1.txt -- "$REL/examples/serve_variant" --config "$(config_on "$OUT/audgate.yaml" 28497)" --log-writer stderr
 
 python3 - "$RESULTS" <<'PY'
 import sys

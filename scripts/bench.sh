@@ -14,7 +14,7 @@
 #
 # Placement: every server (audgate, the floor, Envoy) on CPU $BENCH_SERVER_CPU (default 0), the
 # load (loadgen, wrk) on CPU $BENCH_LOAD_CPU (default 1), with taskset. Loopback only; ports
-# 27100-27104, 27110-27112, 27191-27192, 27291-27293, 27391-27392, 27401-27442, 27591-27592, 27901-27909, 27915.
+# 27100-27104, 27110-27112, 27191-27192, 27291-27293, 27391-27392, 27401-27442, 27481-27482, 27591-27592, 27901-27909, 27915-27916.
 #
 # usage: scripts/bench.sh [--rounds N] [--duration S] [--quick] [--no-build]
 #                         [--skip-micro] [--skip-grpc] [--skip-envoy] [--skip-memory]
@@ -128,6 +128,9 @@ if res:
         targets.append(("cached check: server CPU/check <= 1.15x floor", f"{x:.2f}x", x <= 1.15))
         d = per_round("cached", lambda a, b: float(a["p99_us"]) - float(b["p99_us"]))
         targets.append((f"p99 added over the floor at {conns} connections <= 50 µs (cached, saturated)", f"{d:+.0f} µs", d <= 50))
+    if "cached-logall" in labels:
+        x = per_round("cached-logall", lambda a, b: float(a["server_cpu_us"]) / float(b["server_cpu_us"]))
+        targets.append(("cached check with logging.decisions: all: server CPU/check <= 1.30x floor", f"{x:.2f}x", x <= 1.30))
     if "cached-open" in labels:
         d = per_round("cached-open", lambda a, b: float(a["p99_us"]) - float(b["p99_us"]), "floor-open")
         rate = next(r.get("rate", "?") for r in res if r["label"] == "cached-open")
@@ -213,7 +216,7 @@ if mem:
 
 if targets:
     p("")
-    p("Targets (issue 6):")
+    p("Targets (issues 6 and 11):")
     for what, value, ok in targets:
         verdict = "info" if ok is None else ("MET" if ok else "MISSED")
         p(f"  {verdict:<7}{what}: {value}")
@@ -246,7 +249,7 @@ if [ "$ENVOY" = 1 ]; then
   fi
 fi
 
-for port in 27100 27101 27102 27103 27104 27110 27111 27112 27191 27292 27293 27291 27391 27591 27901 27902 27909 27915; do
+for port in 27100 27101 27102 27103 27104 27110 27111 27112 27191 27292 27293 27291 27391 27481 27591 27901 27902 27909 27915 27916; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "bench.sh: port $port is already in use on 127.0.0.1" >&2; exit 1
   fi
@@ -337,9 +340,16 @@ if [ "$GRPC" = 1 ] || [ "$ENVOY" = 1 ] || [ "$MEMORY" = 1 ]; then
   AUDGATE_PID=$!; PIDS+=("$AUDGATE_PID")
   taskset -c "$SERVER_CPU" "$REL/audgate" serve --config "$OUT/audgate-nocache.yaml" 2>/dev/null &
   NOCACHE_PID=$!; PIDS+=("$NOCACHE_PID")
+  # the same with a decision line for every check (`logging.decisions: all`), to /dev/null
+  sed -e 's/127.0.0.1:27191/127.0.0.1:27481/; s/127.0.0.1:27192/127.0.0.1:27482/; s/127.0.0.1:27901/127.0.0.1:27916/' \
+    "$OUT/audgate.yaml" > "$OUT/audgate-logall.yaml"
+  printf 'logging:\n  decisions: all\n' >> "$OUT/audgate-logall.yaml"
+  taskset -c "$SERVER_CPU" "$REL/audgate" serve --config "$OUT/audgate-logall.yaml" 2>/dev/null &
+  LOGALL_PID=$!; PIDS+=("$LOGALL_PID")
   wait_port 27291; wait_port 27293
   wait_ready http://127.0.0.1:27901/readyz
   wait_ready http://127.0.0.1:27902/readyz
+  wait_ready http://127.0.0.1:27916/readyz
   sleep 1
   echo "MEM label=audgate-idle rss_kib=$(rss_kib "$AUDGATE_PID" VmRSS) hwm_kib=$(rss_kib "$AUDGATE_PID" VmHWM)" >> "$RESULTS"
   echo "MEM label=allow_all-idle rss_kib=$(rss_kib "$FLOOR_PID" VmRSS) hwm_kib=$(rss_kib "$FLOOR_PID" VmHWM)" >> "$RESULTS"
@@ -374,6 +384,7 @@ if [ "$GRPC" = 1 ]; then
     echo "== gRPC round $round/$ROUNDS ($CONNS connections, ${DURATION}s each)" >&2
     loadgen floor 27291 tokens-rs256-1.txt "$FLOOR_PID"
     loadgen cached 27191 tokens-rs256-1.txt "$AUDGATE_PID"
+    loadgen cached-logall 27481 tokens-rs256-1.txt "$LOGALL_PID"
     # latency below saturation: the same fixed schedule for both (open loop)
     loadgen floor-open 27291 tokens-rs256-1.txt "$FLOOR_PID" --rate "$OPEN_RATE"
     loadgen cached-open 27191 tokens-rs256-1.txt "$AUDGATE_PID" --rate "$OPEN_RATE"
