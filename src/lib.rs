@@ -18,8 +18,9 @@
 //! - [`token_cache`] (crates/audgate-keys): the verified-token cache (bounded, keyed by a
 //!   token hash, dropped when the issuer's keys change).
 //! - [`check`]: one check end to end: evaluate, refetch keys once when the core asks, log.
-//! - [`grpc`]: Envoy's `envoy.service.auth.v3.Authorization` over tonic; the only module that
-//!   touches envoy-types.
+//! - [`grpc`]: Envoy's `envoy.service.auth.v3.Authorization/Check` on tonic's unary handling,
+//!   with its own codec (the fields a check reads, decoded in place; the answer written in one
+//!   pass). envoy-types is only its tests' oracle.
 //! - [`http`]: the HTTP authorization endpoint (Envoy `http_service`, nginx, Traefik).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`admin_api`]: the `audgate.v1.Admin/Explain` gRPC call (admin listener, opt-in) and its
