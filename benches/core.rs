@@ -205,6 +205,21 @@ fn parts(c: &mut Criterion, s: &Setup) {
             })
         },
     );
+    group.bench_function(
+        format!("siphash128_header_signature/{}B", header.len() + signature.len() + 8),
+        |b| {
+            // the cache key now (crates/audgate-keys/src/token_cache.rs)
+            use siphasher::sip128::{Hasher128, SipHasher13};
+            use std::hash::Hasher;
+            b.iter(|| {
+                let mut h = SipHasher13::new_with_key(&[7; 16]);
+                h.write(&(header.len() as u64).to_le_bytes());
+                h.write(black_box(header.as_bytes()));
+                h.write(black_box(signature.as_bytes()));
+                h.finish128().as_u128()
+            })
+        },
+    );
     let foldhash = quick_cache::DefaultHashBuilder::default();
     group.bench_function(format!("cache_hasher_token/{}B", token.len()), |b| {
         b.iter(|| foldhash.hash_one(black_box(token.as_str())))

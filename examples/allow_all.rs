@@ -4,8 +4,12 @@
 //! CPU, else multi-thread). Whatever it costs per check, any ext_authz server written with tonic
 //! costs at least that.
 //!
+//! With `--http ADDR` it also answers every HTTP request on ADDR with an empty 200: the floor
+//! for audgate's HTTP endpoint behind Envoy's `http_service` (HTTP/1.1, axum, as audgate).
+//!
 //! ```sh
-//! cargo run --release --example allow_all -- --listen 127.0.0.1:27291 [--runtime auto|current|multi]
+//! cargo run --release --example allow_all -- --listen 127.0.0.1:27291 [--http 127.0.0.1:27292] \
+//!     [--runtime auto|current|multi]
 //! ```
 
 use envoy_types::ext_authz::v3::pb::{
@@ -35,11 +39,13 @@ impl Authorization for AllowAll {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut listen = "127.0.0.1:27291".to_owned();
     let mut runtime = "auto".to_owned();
+    let mut http = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => listen = args.next().ok_or("--listen needs ADDR")?,
             "--runtime" => runtime = args.next().ok_or("--runtime needs auto|current|multi")?,
+            "--http" => http = Some(args.next().ok_or("--http needs ADDR")?),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -53,6 +59,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let listener = tokio::net::TcpListener::bind(&listen).await?;
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
         eprintln!("allow_all listening on {listen} ({runtime} runtime, {workers} worker(s))");
+        if let Some(http) = http {
+            use axum::serve::ListenerExt;
+            let listener = tokio::net::TcpListener::bind(&http)
+                .await?
+                .tap_io(|tcp| drop(tcp.set_nodelay(true)));
+            eprintln!("allow_all answering HTTP on {http}");
+            let router = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+            tokio::spawn(async move { axum::serve(listener, router).await });
+        }
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
             .add_service(AuthorizationServer::new(AllowAll))

@@ -4,8 +4,9 @@
 #   2. gRPC load straight to the ext_authz port, side by side with an allow-all floor server
 #      built by the bench (examples/allow_all.rs), by our own load generator (examples/loadgen.rs)
 #   3. end to end through real Envoy with wrk: no auth, jwt_authn, jwt_authn + jwt_cache_config,
-#      ext_authz -> allow-all, ext_authz -> audgate, and audgate in process (the Envoy dynamic
-#      module, the same config file), all listeners of one Envoy   (benches/envoy/bench.yaml);
+#      ext_authz -> allow-all, ext_authz -> audgate, over http_service: allow-all HTTP, audgate's
+#      HTTP endpoint, and audgate in process (the Envoy dynamic module, the same config file),
+#      all listeners of one Envoy                                   (benches/envoy/bench.yaml);
 #      then p50 latency at 1 connection for no auth, jwt_authn + cache, ext_authz -> audgate
 #      and the module (issue 13's targets)
 #   4. memory: audgate's RSS idle and under load with 100,000 distinct tokens
@@ -16,14 +17,15 @@
 #
 # Placement: every server (audgate, the floor, Envoy) on CPU $BENCH_SERVER_CPU (default 0), the
 # load (loadgen, wrk) on CPU $BENCH_LOAD_CPU (default 1), with taskset. Loopback only; ports
-# 27100-27105, 27191-27192, 27291, 27391-27392, 27401-27442, 27591-27592, 27901-27909, 27915.
+# 27100-27105, 27110-27111, 27191-27192, 27291-27292, 27391-27392, 27401-27442, 27591-27592, 27901-27909, 27915.
 #
 # usage: scripts/bench.sh [--rounds N] [--duration S] [--quick] [--no-build]
 #                         [--skip-micro] [--skip-grpc] [--skip-envoy] [--skip-memory]
 #                         [--listeners L1,L2,..] [--variants] [--instructions] [--memory-tokens N]
 #                         [--open-rate CHECKS_PER_S] [--table RESULTS]
 # --listeners: the Envoy listeners to drive (default all: noauth, jwt_authn, jwt_authn-cache,
-# ext_authz-floor, ext_authz-audgate, module); scripts/bench-module.sh runs the module's four.
+# ext_authz-floor, ext_authz-audgate, http-floor, http-audgate, module); scripts/bench-module.sh
+# runs the module's four.
 # Results: target/bench/summary.txt (the table), target/bench/results.txt (raw lines),
 # target/bench/*.log (server logs), target/bench/criterion.txt.
 set -euo pipefail
@@ -31,7 +33,7 @@ cd "$(dirname "$0")/.."
 
 ROUNDS=3 DURATION=10 WARMUP=2 MEM_DURATION=20 CONNS=32 MEMORY_TOKENS=100000 OPEN_RATE=5000
 BUILD=1 MICRO=1 GRPC=1 ENVOY=1 MEMORY=1 VARIANTS=0 INSTRUCTIONS=0 TABLE_ONLY=
-LISTENERS=noauth,jwt_authn,jwt_authn-cache,ext_authz-floor,ext_authz-audgate,module
+LISTENERS=noauth,jwt_authn,jwt_authn-cache,ext_authz-floor,ext_authz-audgate,http-floor,http-audgate,module
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS=$2; shift ;;
@@ -203,6 +205,9 @@ if rows["WRK"]:
         if "jwt_authn-cache" in labels:
             x = ratio("ext_authz-audgate", "jwt_authn-cache")
             targets.append(("Envoy: audgate vs jwt_authn with jwt_cache_config (for information)", f"{x:.2f}x", None))
+    if "http-audgate" in labels and "http-floor" in labels:
+        x = ratio("http-audgate", "http-floor")
+        targets.append(("Envoy http_service: audgate's HTTP endpoint vs allow-all HTTP (for information)", f"{x:.2f}x", None))
 
 if rows["WRK1"]:
     one = []
@@ -289,7 +294,7 @@ if [ "$ENVOY" = 1 ]; then
   fi
 fi
 
-for port in 27100 27101 27102 27103 27104 27105 27191 27291 27391 27591 27901 27902 27909 27915; do
+for port in 27100 27101 27102 27103 27104 27105 27110 27111 27191 27292 27291 27391 27591 27901 27902 27909 27915; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "bench.sh: port $port is already in use on 127.0.0.1" >&2; exit 1
   fi
@@ -374,7 +379,7 @@ fi
 # ------------------------------------------------------------------------------------- servers
 if [ "$GRPC" = 1 ] || [ "$ENVOY" = 1 ] || [ "$MEMORY" = 1 ]; then
   echo "== starting servers on CPU $SERVER_CPU" >&2
-  start allow_all "$REL/examples/allow_all" --listen 127.0.0.1:27291; FLOOR_PID=$STARTED
+  start allow_all "$REL/examples/allow_all" --listen 127.0.0.1:27291 --http 127.0.0.1:27292; FLOOR_PID=$STARTED
   # audgate serve as shipped: default log level (info: one decision line per check, to
   # /dev/null here), metrics on
   taskset -c "$SERVER_CPU" "$REL/audgate" serve --config "$OUT/audgate.yaml" 2>/dev/null &
@@ -446,8 +451,9 @@ if [ "$ENVOY" = 1 ]; then
   while IFS= read -r h; do HEADERS+=(-H "$h"); done < "$OUT/wrk-headers.txt"
   WRK_ARGS=(-t1 -c"$CONNS" --latency "${HEADERS[@]}")
   URL_PATH="/api/orders/7?expand=items"
-  declare -A LISTENER=([noauth]=27100 [jwt_authn]=27101 [jwt_authn-cache]=27102 [ext_authz-floor]=27103 [ext_authz-audgate]=27104 [module]=27105)
-  declare -A AUTHZ_PID=([ext_authz-floor]=$FLOOR_PID [ext_authz-audgate]=$AUDGATE_PID)
+  declare -A LISTENER=([noauth]=27100 [jwt_authn]=27101 [jwt_authn-cache]=27102 [ext_authz-floor]=27103 [ext_authz-audgate]=27104
+    [http-floor]=27110 [http-audgate]=27111 [module]=27105)
+  declare -A AUTHZ_PID=([ext_authz-floor]=$FLOOR_PID [ext_authz-audgate]=$AUDGATE_PID [http-floor]=$FLOOR_PID [http-audgate]=$AUDGATE_PID)
   IFS=, read -r -a ENVOY_LABELS <<< "$LISTENERS"
   for label in "${ENVOY_LABELS[@]}"; do
     [ -n "${LISTENER[$label]:-}" ] || { echo "bench.sh: unknown listener $label" >&2; exit 2; }

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -16,7 +15,7 @@ use tonic_health::ServingStatus;
 
 use crate::check::Snapshot;
 use crate::config::{self, Config};
-use crate::grpc::AuthorizationService;
+use crate::grpc;
 use crate::jwks::KeyStore;
 use crate::serve::{self, Limits};
 use crate::telemetry::Telemetry;
@@ -222,12 +221,11 @@ pub async fn run(
         .map(|tls| tokio::spawn(tls::watch(Arc::clone(tls), stop_rx.clone())));
 
     let budget = connection_budget(raise_open_files_limit());
-    let authz = AuthorizationServer::new(AuthorizationService::new(Arc::clone(&state)))
-        .max_decoding_message_size(MAX_CHECK_BYTES);
-    let grpc_router = tonic::service::Routes::new(health_service)
-        .add_service(authz)
-        .prepare()
-        .into_axum_router();
+    let grpc_router = grpc::Listener::new(
+        Arc::clone(&state),
+        MAX_CHECK_BYTES,
+        tonic::service::Routes::new(health_service).prepare().into_axum_router(),
+    );
     let mut grpc = tokio::spawn(serve::serve(
         grpc_listener,
         grpc_router,

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -51,6 +50,27 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 /// instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// What a listener serves: an axum `Router`, or the gRPC port's [`crate::grpc::Listener`].
+pub trait Handler:
+    Service<hyper::Request<Incoming>, Response = hyper::Response<Self::Body>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+    type Body: http_body::Body<Data = bytes::Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static;
+}
+
+impl<S, B> Handler for S
+where
+    S: Service<hyper::Request<Incoming>, Response = hyper::Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+    B: http_body::Body<Data = bytes::Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
+{
+    type Body = B;
+}
+
 /// The peer address of a request's connection, in the request's extensions (tonic copies them
 /// into its `Request`).
 #[derive(Clone, Copy, Debug)]
@@ -67,7 +87,7 @@ pub struct Limits {
 /// every open connection has closed.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    router: impl Handler,
     limits: Limits,
     tls: Option<Arc<Tls>>,
     what: &'static str,
@@ -151,7 +171,7 @@ async fn tls_connection(
     stream: TcpStream,
     peer: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
-    router: Router,
+    router: impl Handler,
     builder: Arc<Builder<TokioExecutor>>,
     mut stop: watch::Receiver<bool>,
     slot: OwnedSemaphorePermit,
@@ -174,7 +194,7 @@ async fn connection<I>(
     stream: I,
     peer: SocketAddr,
     deadline: Instant,
-    router: Router,
+    router: impl Handler,
     builder: Arc<Builder<TokioExecutor>>,
     mut stop: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
