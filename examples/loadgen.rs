@@ -164,7 +164,15 @@ fn setup(args: &Args) -> Result<(), Error> {
     std::fs::write(dir.join("wrk-headers.txt"), headers)?;
     if let Some(template) = args.get("envoy-template") {
         let text = std::fs::read_to_string(template)?;
-        std::fs::write(dir.join("envoy.yaml"), text.replace("__JWKS__", &jwks))?;
+        // the in-process listener reads the same config file as `audgate serve` (absolute:
+        // Envoy may run from anywhere)
+        let audgate_config = std::path::absolute(dir.join("audgate.yaml"))?;
+        let audgate_config = audgate_config.to_str().ok_or("non-UTF-8 directory")?;
+        std::fs::write(
+            dir.join("envoy.yaml"),
+            text.replace("__JWKS__", &jwks)
+                .replace("__AUDGATE_CONFIG__", audgate_config),
+        )?;
     }
     let sample = std::fs::read_to_string(dir.join("tokens-rs256-1.txt"))?;
     let token = sample.trim();

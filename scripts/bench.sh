@@ -4,8 +4,12 @@
 #   2. gRPC load straight to the ext_authz port, side by side with an allow-all floor server
 #      built by the bench (examples/allow_all.rs), by our own load generator (examples/loadgen.rs)
 #   3. end to end through real Envoy with wrk: no auth, jwt_authn, jwt_authn + jwt_cache_config,
-#      ext_authz -> allow-all, ext_authz -> audgate, and over http_service: allow-all HTTP,
-#      audgate's HTTP endpoint                                      (benches/envoy/bench.yaml)
+#      ext_authz -> allow-all, ext_authz -> audgate, ext_authz -> an allow-all answering like
+#      audgate (Envoy's own share of applying the answer), over http_service: allow-all HTTP, audgate's
+#      HTTP endpoint, and audgate in process (the Envoy dynamic module, the same config file),
+#      all listeners of one Envoy                                   (benches/envoy/bench.yaml);
+#      then p50 latency at 1 connection for no auth, jwt_authn + cache, ext_authz -> audgate
+#      and the module (issue 13's targets)
 #   4. memory: audgate's RSS idle and under load with 100,000 distinct tokens
 #   5. with --instructions: instructions per check under callgrind, floor vs audgate
 #      (scripts/bench-instructions.sh): the measure that other load on the machine cannot move
@@ -14,12 +18,15 @@
 #
 # Placement: every server (audgate, the floor, Envoy) on CPU $BENCH_SERVER_CPU (default 0), the
 # load (loadgen, wrk) on CPU $BENCH_LOAD_CPU (default 1), with taskset. Loopback only; ports
-# 27100-27104, 27110-27112, 27191-27192, 27291-27293, 27391-27392, 27401-27442, 27481-27482, 27591-27592, 27901-27909, 27915-27916.
+# 27100-27105, 27110-27112, 27191-27192, 27291-27293, 27391-27392, 27401-27442, 27481-27482, 27591-27592, 27901-27909, 27915-27916.
 #
 # usage: scripts/bench.sh [--rounds N] [--duration S] [--quick] [--no-build]
 #                         [--skip-micro] [--skip-grpc] [--skip-envoy] [--skip-memory]
-#                         [--variants] [--instructions] [--memory-tokens N] [--open-rate CHECKS_PER_S]
-#                         [--table RESULTS]
+#                         [--listeners L1,L2,..] [--variants] [--instructions] [--memory-tokens N]
+#                         [--open-rate CHECKS_PER_S] [--table RESULTS]
+# --listeners: the Envoy listeners to drive (default all: noauth, jwt_authn, jwt_authn-cache,
+# ext_authz-floor, ext_authz-audgate, ext_authz-floor-rich, http-floor, http-audgate, module); scripts/bench-module.sh
+# runs the module's four.
 # Results: target/bench/summary.txt (the table), target/bench/results.txt (raw lines),
 # target/bench/*.log (server logs), target/bench/criterion.txt.
 set -euo pipefail
@@ -27,6 +34,7 @@ cd "$(dirname "$0")/.."
 
 ROUNDS=3 DURATION=10 WARMUP=2 MEM_DURATION=20 CONNS=32 MEMORY_TOKENS=100000 OPEN_RATE=5000
 BUILD=1 MICRO=1 GRPC=1 ENVOY=1 MEMORY=1 VARIANTS=0 INSTRUCTIONS=0 TABLE_ONLY=
+LISTENERS=noauth,jwt_authn,jwt_authn-cache,ext_authz-floor,ext_authz-audgate,ext_authz-floor-rich,http-floor,http-audgate,module
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS=$2; shift ;;
@@ -38,11 +46,12 @@ while [ $# -gt 0 ]; do
     --skip-envoy) ENVOY=0 ;;
     --skip-memory) MEMORY=0 ;;
     --variants) VARIANTS=1 ;;
+    --listeners) LISTENERS=$2; shift ;;
     --instructions) INSTRUCTIONS=1 ;;
     --memory-tokens) MEMORY_TOKENS=$2; shift ;;
     --open-rate) OPEN_RATE=$2; shift ;;
     --table) TABLE_ONLY=$2; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -57,7 +66,7 @@ python3 - "$1" "$SERVER_CPU" "$LOAD_CPU" "$CONNS" <<'PY'
 import re, statistics, sys
 
 path, server_cpu, load_cpu, conns = sys.argv[1:5]
-rows = {"RESULT": [], "COST": [], "WRK": [], "MEM": [], "CACHE": [], "MACHINE": [], "ENTRY": [], "BOUNDED": [], "CRIT": []}
+rows = {"RESULT": [], "COST": [], "WRK": [], "WRK1": [], "MEM": [], "CACHE": [], "MACHINE": [], "ENTRY": [], "BOUNDED": [], "CRIT": []}
 for line in open(path):
     kind, _, rest = line.strip().partition(" ")
     if kind in rows:
@@ -74,6 +83,7 @@ machine = {k: v for r in rows["MACHINE"] for k, v in r.items()}
 out = []
 p = out.append
 rounds = sorted(({r["round"] for r in rows["RESULT"]} | {r["round"] for r in rows["WRK"]}) - {"0"})
+targets13 = []
 p(f"audgate benchmarks: medians over {len(rounds)} round(s) of one run, ratios against baselines of the same run")
 p(f"machine: {machine.get('nproc', '?')} CPUs, load average {machine.get('loadavg_start', '?')} at start, "
   f"{machine.get('loadavg_end', '?')} at end; servers on CPU {server_cpu}, load on CPU {load_cpu}")
@@ -181,19 +191,60 @@ if rows["WRK"]:
         p(f"  {label:<19}{med([w['rps'] for w in ws]):>9.0f}{f(ratio(label, 'noauth'), '.2f'):>11}"
           f"{med([w['cpu'] for w in ws]):>12.1f}{med([w['p50'] for w in ws]):>9.0f}{med([w['p99'] for w in ws]):>9.0f}"
           f"{sum(w['bad'] for w in ws):>9}")
-    if "ext_authz-audgate" in labels:
+    if "module" in labels:
+        x = ratio("module", "noauth")
+        targets13.append(("in process (module), cached token, >= 0.85x no auth", f"{x:.2f}x", x >= 0.85))
+        if "jwt_authn-cache" in labels:
+            x = ratio("module", "jwt_authn-cache")
+            targets13.append(("module >= 1.0x jwt_authn with jwt_cache_config", f"{x:.2f}x", x >= 1.0))
+        if "ext_authz-audgate" in labels:
+            x = ratio("module", "ext_authz-audgate")
+            targets13.append(("module >= 2.5x ext_authz -> audgate (same config)", f"{x:.2f}x", x >= 2.5))
+    if "ext_authz-audgate" in labels and "ext_authz-floor" in labels:
         x = ratio("ext_authz-audgate", "ext_authz-floor")
         targets.append(("Envoy: audgate >= 0.95x ext_authz to allow-all", f"{x:.2f}x", x >= 0.95))
-        x = ratio("ext_authz-audgate", "jwt_authn")
-        targets.append(("Envoy: audgate >= 1.15x jwt_authn without cache", f"{x:.2f}x", x >= 1.15))
-        x = ratio("ext_authz-audgate", "jwt_authn-cache")
-        targets.append(("Envoy: audgate vs jwt_authn with jwt_cache_config (for information)", f"{x:.2f}x", None))
-    if "ext_authz-floor-rich" in labels:
+        if "jwt_authn" in labels:
+            x = ratio("ext_authz-audgate", "jwt_authn")
+            targets.append(("Envoy: audgate >= 1.15x jwt_authn without cache", f"{x:.2f}x", x >= 1.15))
+        if "jwt_authn-cache" in labels:
+            x = ratio("ext_authz-audgate", "jwt_authn-cache")
+            targets.append(("Envoy: audgate vs jwt_authn with jwt_cache_config (for information)", f"{x:.2f}x", None))
+    if "ext_authz-floor-rich" in labels and "ext_authz-audgate" in labels:
         x = ratio("ext_authz-audgate", "ext_authz-floor-rich")
         targets.append(("Envoy: audgate vs allow-all answering like audgate (for information)", f"{x:.2f}x", None))
-    if "http-audgate" in labels:
+    if "http-audgate" in labels and "http-floor" in labels:
         x = ratio("http-audgate", "http-floor")
         targets.append(("Envoy http_service: audgate's HTTP endpoint vs allow-all HTTP (for information)", f"{x:.2f}x", None))
+
+if rows["WRK1"]:
+    one = []
+    for r in rows["WRK1"]:
+        w = wrk(r["file"])
+        w.update(label=r["label"], round=r["round"])
+        one.append(w)
+    labels1 = []
+    for w in one:
+        if w["label"] not in labels1:
+            labels1.append(w["label"])
+    def added(a, key):  # per round: a's latency minus no auth's, then the median
+        vals = []
+        for rnd in {w["round"] for w in one}:
+            x = [w for w in one if w["round"] == rnd and w["label"] == a]
+            y = [w for w in one if w["round"] == rnd and w["label"] == "noauth"]
+            if x and y:
+                vals.append(x[0][key] - y[0][key])
+        return med(vals)
+    p("")
+    p(f"Through Envoy at 1 connection (wrk -c1; latency, not throughput):")
+    p(f"  {'listener':<19}{'req/s':>9}{'p50 µs':>9}{'+p50 µs':>9}{'p99 µs':>9}{'+p99 µs':>9}{'non-2xx':>9}")
+    for label in labels1:
+        ws = [w for w in one if w["label"] == label]
+        p(f"  {label:<19}{med([w['rps'] for w in ws]):>9.0f}{med([w['p50'] for w in ws]):>9.1f}"
+          f"{f(added(label, 'p50'), '+.1f'):>9}{med([w['p99'] for w in ws]):>9.1f}{f(added(label, 'p99'), '+.1f'):>9}"
+          f"{sum(w['bad'] for w in ws):>9}")
+    if "module" in labels1 and "noauth" in labels1:
+        d = added("module", "p50")
+        targets13.append(("module: p50 added over no auth at 1 connection <= 20 µs", f"{d:+.1f} µs", d <= 20))
 
 mem = {r["label"]: r for r in rows["MEM"]}
 if mem:
@@ -214,19 +265,20 @@ if mem:
         peak = int(mem["audgate-under-load"]["hwm_kib"]) / 1024
         targets.append(("RSS under the 100k-token load <= 64 MiB (peak)", f"{peak:.1f} MiB", peak <= 64))
 
-if targets:
-    p("")
-    p("Targets (issues 6 and 11):")
-    for what, value, ok in targets:
-        verdict = "info" if ok is None else ("MET" if ok else "MISSED")
-        p(f"  {verdict:<7}{what}: {value}")
+for title, ts in (("Targets (issues 6 and 11):", targets), ("Targets (issue 13, audgate in process):", targets13)):
+    if ts:
+        p("")
+        p(title)
+        for what, value, ok in ts:
+            verdict = "info" if ok is None else ("MET" if ok else "MISSED")
+            p(f"  {verdict:<7}{what}: {value}")
 print("\n".join(out))
 PY
 }
 
 if [ -n "$TABLE_ONLY" ]; then table "$TABLE_ONLY"; exit 0; fi
 OUT=target/bench
-REL=target/release
+REL=${CARGO_TARGET_DIR:-target}/release
 mkdir -p "$OUT"
 RESULTS=$OUT/results.txt
 : > "$RESULTS"
@@ -249,7 +301,7 @@ if [ "$ENVOY" = 1 ]; then
   fi
 fi
 
-for port in 27100 27101 27102 27103 27104 27110 27111 27112 27191 27292 27293 27291 27391 27481 27591 27901 27902 27909 27915 27916; do
+for port in 27100 27101 27102 27103 27104 27105 27110 27111 27112 27191 27292 27293 27291 27391 27481 27591 27901 27902 27909 27915 27916; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "bench.sh: port $port is already in use on 127.0.0.1" >&2; exit 1
   fi
@@ -258,6 +310,7 @@ done
 if [ "$BUILD" = 1 ]; then
   echo "== building (release)" >&2
   cargo build --release --examples --bins
+  [ "$ENVOY" = 1 ] && cargo build --release -p audgate-envoy
   if [ "$MICRO" = 1 ]; then cargo bench --bench core --no-run; fi
 fi
 
@@ -298,6 +351,7 @@ rss_kib() { # PID FIELD (VmRSS | VmHWM)
 TCK=$(getconf CLK_TCK)
 
 echo "== setup: keys, tokens, configs" >&2
+[ "$MEMORY" = 1 ] || MEMORY_TOKENS=10 # the 100k tokens are only for the memory part
 # audgate-12mib: a 12 MiB weighed cap holds about the heap an honest weigher would allow under
 # the default 32 MiB (examples/cache_memory.rs: an entry weighs ~0.36x its real heap)
 CONFIGS="audgate:default:27191,27192,27901;audgate-nocache:off:27391,27392,27902;audgate-12mib:12MiB:27591,27592,27915"
@@ -403,19 +457,42 @@ fi
 # ---------------------------------------------------------------------------------------- Envoy
 if [ "$ENVOY" = 1 ]; then
   echo "== Envoy $("$ENVOY_BIN" --version | grep -o '/1\.[0-9.]*/' | tr -d /) (1 worker) on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU" >&2
-  start envoy "$ENVOY_BIN" -c "$OUT/envoy.yaml" --concurrency 1 --base-id 4646 -l warn; ENVOY_PID=$STARTED
+  # the module listener loads $REL/libaudgate_envoy.so
+  [ -f "$REL/libaudgate_envoy.so" ] || { echo "bench.sh: no $REL/libaudgate_envoy.so (cargo build --release -p audgate-envoy)" >&2; exit 1; }
+  start envoy env ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$(cd "$REL" && pwd)" \
+    "$ENVOY_BIN" -c "$OUT/envoy.yaml" --concurrency 1 --base-id 4646 -l warn; ENVOY_PID=$STARTED
   wait_ready http://127.0.0.1:27909/ready
   TOKEN=$(head -1 "$OUT/tokens-rs256-1.txt")
-  WRK_ARGS=(-t1 -c"$CONNS" --latency -H "Host: shop.bench.test" -H "authorization: Bearer $TOKEN")
-  while IFS= read -r h; do WRK_ARGS+=(-H "$h"); done < "$OUT/wrk-headers.txt"
+  HEADERS=(-H "Host: shop.bench.test" -H "authorization: Bearer $TOKEN")
+  while IFS= read -r h; do HEADERS+=(-H "$h"); done < "$OUT/wrk-headers.txt"
+  WRK_ARGS=(-t1 -c"$CONNS" --latency "${HEADERS[@]}")
   URL_PATH="/api/orders/7?expand=items"
   declare -A LISTENER=([noauth]=27100 [jwt_authn]=27101 [jwt_authn-cache]=27102 [ext_authz-floor]=27103 [ext_authz-audgate]=27104
-    [ext_authz-floor-rich]=27112 [http-floor]=27110 [http-audgate]=27111)
+    [ext_authz-floor-rich]=27112 [http-floor]=27110 [http-audgate]=27111 [module]=27105)
   declare -A AUTHZ_PID=([ext_authz-floor]=$FLOOR_PID [ext_authz-audgate]=$AUDGATE_PID [ext_authz-floor-rich]=$RICH_PID
     [http-floor]=$FLOOR_PID [http-audgate]=$AUDGATE_PID)
+  IFS=, read -r -a ENVOY_LABELS <<< "$LISTENERS"
+  for label in "${ENVOY_LABELS[@]}"; do
+    [ -n "${LISTENER[$label]:-}" ] || { echo "bench.sh: unknown listener $label" >&2; exit 2; }
+  done
+  # every listener must allow the bench's request before it is measured (the module's keys
+  # load on its own thread at start)
+  for label in "${ENVOY_LABELS[@]}"; do
+    url="http://127.0.0.1:${LISTENER[$label]}$URL_PATH"
+    for _ in $(seq 1 100); do
+      code=$(curl -s -o /dev/null -w '%{http_code}' "${HEADERS[@]}" "$url" || true)
+      [ "$code" = 200 ] && break
+      sleep 0.1
+    done
+    [ "$code" = 200 ] || { echo "bench.sh: $label answers $code to the bench request" >&2; exit 1; }
+  done
+  LATENCY_LABELS=()
+  for label in noauth jwt_authn-cache ext_authz-audgate module; do
+    [[ ",$LISTENERS," == *",$label,"* ]] && LATENCY_LABELS+=("$label")
+  done
   for round in $(seq 1 "$ROUNDS"); do
     echo "== Envoy round $round/$ROUNDS" >&2
-    for label in noauth jwt_authn jwt_authn-cache ext_authz-floor ext_authz-audgate ext_authz-floor-rich http-floor http-audgate; do
+    for label in "${ENVOY_LABELS[@]}"; do
       url="http://127.0.0.1:${LISTENER[$label]}$URL_PATH"
       taskset -c "$LOAD_CPU" wrk "${WRK_ARGS[@]}" -d"$WARMUP"s "$url" >/dev/null
       auth=${AUTHZ_PID[$label]:-}
@@ -426,6 +503,14 @@ if [ "$ENVOY" = 1 ]; then
       line="WRK label=$label round=$round file=$file envoy_cpu_s=$(awk "BEGIN { print ($e1 - $e0) / $TCK }") authz_cpu_s=$(awk "BEGIN { print ($a1 - $a0) / $TCK }")"
       echo "$line" >> "$RESULTS"
       echo "$label: $(grep -E 'Requests/sec|Non-2xx' "$file" | xargs)" >&2
+    done
+    # latency at 1 connection: what a check adds to one request, with nothing queued
+    for label in "${LATENCY_LABELS[@]}"; do
+      url="http://127.0.0.1:${LISTENER[$label]}$URL_PATH"
+      file="$OUT/wrk1-$label-$round.txt"
+      taskset -c "$LOAD_CPU" wrk -t1 -c1 --latency "${HEADERS[@]}" -d"$DURATION"s "$url" > "$file"
+      echo "WRK1 label=$label round=$round file=$file" >> "$RESULTS"
+      echo "$label -c1: $(grep -E '^ +50%|Non-2xx' "$file" | xargs)" >&2
     done
   done
   echo "MEM label=envoy rss_kib=$(rss_kib "$ENVOY_PID" VmRSS) hwm_kib=$(rss_kib "$ENVOY_PID" VmHWM)" >> "$RESULTS"

@@ -1,9 +1,11 @@
 //! audgate inside Envoy: what only the in-process filter (libaudgate_envoy.so, a dynamic module
 //! loaded by the real Envoy 1.40) does or shows. The decisions themselves are covered in both
-//! modes by tests/e2e_envoy.rs; here: dynamic metadata in the access log, the decision counts in
-//! Envoy's /stats/prometheus, config reload (good applied, bad kept out), a bad config at start,
-//! a client that goes away while its check waits for keys, jwt_verify_lib's conformance vectors
-//! through the module, and deploy/envoy/envoy-module.yaml.
+//! modes by tests/e2e_envoy.rs; here: dynamic metadata in the access log, the module's metrics in
+//! Envoy's /stats/prometheus (decisions, their duration, token cache hits and misses, key
+//! refreshes, config reloads), config reload (good applied, bad kept out), a bad config at
+//! start, a client that goes away while its check waits for keys, templated (`{tenant}`)
+//! issuers, jwt_verify_lib's conformance vectors through the module, and
+//! deploy/envoy/envoy-module.yaml.
 //!
 //! The module is built by `common::module_dir()` (`cargo build -p audgate-envoy`).
 
@@ -13,9 +15,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::realms::Realms;
 use common::{
-    EnvoyPorts, IssuerServer, Mode, ModeStack, TestKey, assert_deny, assert_upstream, free_port, keycloak_claims,
-    str_claim,
+    EnvoyPorts, IssuerServer, Metrics, Mode, ModeStack, TestKey, assert_deny, assert_upstream, free_port,
+    keycloak_claims, merge, str_claim,
 };
 use serde_json::{Value, json};
 
@@ -122,6 +125,74 @@ async fn metadata_in_access_log_and_counts_in_envoy_prometheus() {
         allowed >= 1 && missing >= 1,
         "audgate_checks_total in Envoy's /stats/prometheus:\n{prometheus}"
     );
+
+    // the same token again: a verified-token cache hit (the first check of it was a miss)
+    assert_eq!(stack.get_with_token("/app/x", &token, &[]).await.status, 200);
+    let (counted, metrics) = prometheus_until(&stack, |m| {
+        module_stat(m, "audgate_token_cache_hits_total", &[]) >= 1.0
+            && module_stat(m, "audgate_token_cache_misses_total", &[]) >= 1.0
+            && module_stat(m, "audgate_jwks_refresh_total", &[("issuer", "test"), ("result", "ok")]) >= 1.0
+    })
+    .await;
+    assert!(
+        counted,
+        "token cache hits and misses and the key refresh reach Envoy's stats (handed over from \
+         off the workers):\n{}",
+        metrics.text
+    );
+    // a histogram of check durations by route, in microseconds (Envoy merges the workers'
+    // histograms into what /stats/prometheus shows at its stats flush, every 5 s by default)
+    let (recorded, metrics) = prometheus_until(&stack, |m| {
+        module_stat(m, "audgate_check_duration_microseconds_count", &[("route", "app")]) >= 3.0
+    })
+    .await;
+    assert!(
+        recorded,
+        "{}",
+        metrics.describe(&module_name("audgate_check_duration_microseconds_count"))
+    );
+    assert_eq!(
+        metrics
+            .types
+            .get(&module_name("audgate_check_duration_microseconds"))
+            .map(String::as_str),
+        Some("histogram"),
+        "{}",
+        metrics.text
+    );
+    assert!(
+        module_stat(
+            &metrics,
+            "audgate_check_duration_microseconds_bucket",
+            &[("route", "app"), ("le", "+Inf")]
+        ) >= 3.0,
+        "{}",
+        metrics.text
+    );
+}
+
+/// A module stat's Prometheus name: Envoy 1.40 files a dynamic module's stats under
+/// `dynamicmodulescustom` and prefixes `envoy_`.
+fn module_name(name: &str) -> String {
+    format!("envoy_dynamicmodulescustom_{name}")
+}
+
+/// Envoy's /stats/prometheus, polled for up to 10 s until `cond` holds (counts made off Envoy's
+/// workers reach Envoy's stats within about a second); whether it did, and the last reading.
+async fn prometheus_until(stack: &ModeStack, cond: impl Fn(&Metrics) -> bool) -> (bool, Metrics) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = Metrics::parse(&stack.envoy_prometheus().await);
+        if cond(&metrics) || Instant::now() > deadline {
+            return (cond(&metrics), metrics);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The sum of a module stat's samples with `labels` (0 when there is none).
+fn module_stat(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics.sum(&module_name(name), labels)
 }
 
 /// A changed config file is applied within seconds; a file that fails validation is kept out
@@ -168,6 +239,17 @@ async fn config_reload_applies_good_files_and_keeps_out_bad_ones() {
         200,
         "the config in use must keep serving after a bad reload\n{}",
         stack.logs()
+    );
+    // both reloads counted in Envoy's stats, by result
+    let (counted, metrics) = prometheus_until(&stack, |m| {
+        module_stat(m, "audgate_config_reloads_total", &[("result", "ok")]) == 1.0
+            && module_stat(m, "audgate_config_reloads_total", &[("result", "error")]) == 1.0
+    })
+    .await;
+    assert!(
+        counted,
+        "{}",
+        metrics.describe(&module_name("audgate_config_reloads_total"))
     );
 }
 
@@ -631,6 +713,115 @@ async fn module_soak() {
     assert!(
         growth_mib < 32.0,
         "Envoy's RSS grew by {growth_mib:.1} MiB\n{}",
+        stack.logs()
+    );
+}
+
+fn tenants_config(base: &str) -> String {
+    format!(
+        r#"
+issuers:
+  realms:
+    issuer: {base}/realms/{{tenant}}
+    tenants: [shop, billing]
+    discovery: true
+  teams:
+    issuer: {base}/orgs/{{tenant}}
+    tenant_pattern: "^team-[a-z0-9]{{1,20}}$"
+    max_tenants: 3
+    discovery: true
+    min_refresh_interval: 30s
+claim_headers:
+  x-auth-subject: sub
+  x-auth-tenant: $tenant
+  x-auth-client-id: $client_id
+routes:
+  - name: shop-only
+    match: {{ path_prefix: /shop }}
+    issuers: [realms]
+    tenants: [shop]
+    client_ids: [api]
+    client_id_claims: [aud, azp]
+  - name: any
+    match: {{ path_prefix: / }}
+    client_ids: [api]
+    client_id_claims: [aud, azp]
+default: deny
+"#
+    )
+}
+
+/// Templated issuers through the module, as `audgate serve` answers them (tests/e2e_policies.rs):
+/// listed tenants load at start, each tenant with its own keys; a pattern tenant's keys are
+/// fetched on the background thread at its first request, which waits (stopped, then resumed
+/// through Envoy's scheduler) instead of answering 503; a tenant the pattern refuses costs no
+/// fetch. The tenant reaches `$tenant` claim headers and the `audgate:tenant` metadata.
+#[tokio::test(flavor = "multi_thread")]
+async fn templated_issuer_tenants_through_the_module() {
+    let realms = Realms::start().await;
+    let (shop_key, billing_key, team_key) = (TestKey::rsa("shop-1"), TestKey::ec("billing-1"), TestKey::ec("team-1"));
+    let shop = realms.add("realms", "shop", &shop_key);
+    let billing = realms.add("realms", "billing", &billing_key);
+    let team_a = realms.add("orgs", "team-a", &team_key);
+    let other = realms.add("realms", "other", &shop_key);
+    let placeholder = IssuerServer::start(&[&TestKey::ec("unused")]).await;
+    let base = realms.base.clone();
+    let stack = ModeStack::start_with_issuer(Mode::Module, placeholder, |_| tenants_config(&base)).await;
+    let token = |key: &TestKey, iss: &str| key.mint(merge(keycloak_claims(iss, "api"), json!({"sub": "alice-id"})));
+
+    // a listed tenant (its keys load in the background at start)
+    let reply = stack.wait_ready("/any", &token(&shop_key, &shop)).await;
+    assert_upstream(&reply, &[("x-auth-tenant", Some("shop"))], "listed tenant shop");
+    let reply = stack
+        .get_with_token("/shop/x", &token(&shop_key, &shop), &[("x-auth-tenant", "forged")])
+        .await;
+    assert_upstream(
+        &reply,
+        &[("x-auth-tenant", Some("shop")), ("x-auth-client-id", Some("api"))],
+        "the route restricted to shop",
+    );
+    // another listed tenant: not on the restricted route, fine elsewhere
+    let reply = stack
+        .get_with_token("/shop/x", &token(&billing_key, &billing), &[])
+        .await;
+    assert_deny(&reply, 401, "unknown_issuer", None, "billing on shop-only");
+    let reply = stack.wait_ready("/any", &token(&billing_key, &billing)).await;
+    assert_upstream(&reply, &[("x-auth-tenant", Some("billing"))], "listed tenant billing");
+    // each tenant has its own keys: shop's key does not sign for billing
+    let reply = stack.get_with_token("/any", &token(&shop_key, &billing), &[]).await;
+    assert_eq!(reply.error_code().as_deref(), Some("unknown_kid"), "{reply}");
+    // a realm that is not listed is an unknown issuer, and costs no fetch
+    let before = realms.requests();
+    let reply = stack.get_with_token("/any", &token(&shop_key, &other), &[]).await;
+    assert_deny(&reply, 401, "unknown_issuer", None, "a realm not listed");
+    // a pattern tenant: its keys are fetched at its first request, which waits for them
+    let reply = stack.get_with_token("/any", &token(&team_key, &team_a), &[]).await;
+    assert_upstream(
+        &reply,
+        &[("x-auth-tenant", Some("team-a"))],
+        "first use of pattern tenant team-a (no 503)",
+    );
+    assert_eq!(
+        realms.requests() - before,
+        2,
+        "one discovery and one JWKS fetch for team-a"
+    );
+    // a tenant the pattern refuses is an unknown issuer without a fetch
+    let reply = stack
+        .get_with_token("/any", &token(&team_key, &format!("{}/orgs/Team_A", realms.base)), &[])
+        .await;
+    assert_eq!(reply.error_code().as_deref(), Some("unknown_issuer"), "{reply}");
+    assert_eq!(realms.requests() - before, 2);
+
+    // the tenant in the dynamic metadata (the access log of tests/envoy/dynamic_module.yaml)
+    let logged = eventually(Duration::from_secs(5), || {
+        let logs = stack.envoy.logs();
+        async move { logs.contains("tenant=team-a") }
+    })
+    .await;
+    assert!(
+        logged,
+        "%DYNAMIC_METADATA(audgate:tenant)% in the access log\n{}",
         stack.logs()
     );
 }

@@ -2892,6 +2892,8 @@ pub fn module_checks(prometheus: &str, pick: impl Fn(&HashMap<String, String>) -
 
 /// Helpers of the deployment-file tests (validators, `kubernetes-validate`, file helpers).
 pub mod deploy;
+/// A many-realm OIDC host for templated (`{tenant}`) issuers.
+pub mod realms;
 
 // ---------------------------------------------------------------------------------------------
 // Talking to real identity providers (tests/keycloak.rs, tests/oidc_provider.rs)

@@ -1,6 +1,7 @@
 //! The module's own thread: a small tokio runtime that runs the issuers' periodic key refresh,
-//! the refetches checks ask for (an unknown `kid`), and config reloads. Envoy's worker threads
-//! never wait on it: they stop the stream and are resumed through Envoy's scheduler.
+//! the refetches checks ask for (an unknown `kid`, a new tenant), config reloads, and the
+//! hand-over of its counts to Envoy's main thread. Envoy's worker threads never wait on it:
+//! they stop the stream and are resumed through Envoy's scheduler.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -11,12 +12,15 @@ use audgate_keys::{IssuerKeys, KeyStore};
 use tokio::sync::oneshot;
 
 use crate::filter::{Shared, Snapshot};
+use crate::metrics::Recording;
 use crate::{Level, log};
 
 /// How often the config file is compared with the one in use (as `audgate serve`'s periodic check).
 const POLL: Duration = Duration::from_secs(2);
 /// A changed file is read twice this far apart and used only if both reads agree.
 const SETTLE: Duration = Duration::from_millis(100);
+/// How often counts made here (key refreshes, reloads, token cache hits) are handed to Envoy.
+const FLUSH: Duration = Duration::from_secs(1);
 
 pub struct Background {
     stop: Option<oneshot::Sender<()>>,
@@ -34,10 +38,15 @@ impl Background {
         let thread = std::thread::Builder::new()
             .name("audgate-keys".to_owned())
             .spawn(move || {
+                // every task runs on this thread (a current-thread runtime): the key caches'
+                // counts (refreshes, new token caches of reloads) go to this config's stats
+                let recording = Recording(Arc::clone(&shared.pending));
+                let _recorder = ::metrics::set_default_local_recorder(&recording);
                 runtime.block_on(async move {
                     KeyStore::spawn_refresh(fresh);
                     tokio::select! {
-                        () = watch_config(shared, text) => {}
+                        () = watch_config(Arc::clone(&shared), text) => {}
+                        () = flush(shared) => {}
                         _ = stopped => {}
                     }
                 });
@@ -57,6 +66,20 @@ impl Drop for Background {
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Hand the counts made off Envoy's workers to Envoy's main thread, when there are any.
+async fn flush(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(FLUSH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if shared.pending.any()
+            && let Some(notify) = shared.notify.get()
+        {
+            notify();
         }
     }
 }
@@ -87,6 +110,7 @@ async fn watch_config(shared: Arc<Shared>, mut in_use: Vec<u8>) {
                     Level::Info,
                     &format!("audgate: config reloaded from {} (hash {hash})", shared.path.display()),
                 );
+                shared.pending.reload(true);
                 in_use = first;
                 rejected = None;
             }
@@ -98,6 +122,7 @@ async fn watch_config(shared: Arc<Shared>, mut in_use: Vec<u8>) {
                         errors.join("\n")
                     ),
                 );
+                shared.pending.reload(false);
                 rejected = Some(first);
             }
         }

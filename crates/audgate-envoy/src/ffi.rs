@@ -13,15 +13,13 @@
 //!   the matching `*_destroy` hook.
 #![allow(unsafe_code)]
 
-use std::cell::Cell;
 use std::ffi::{c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
 
 use crate::Level;
-use crate::filter::{
-    CHECKS_COUNTER, CHECKS_LABELS, Filter, FilterConfig, METADATA_NAMESPACE, Step, Stream, header_from_bytes,
-};
+use crate::filter::{Filter, FilterConfig, METADATA_NAMESPACE, Step, Stream};
+use crate::metrics::{self, StatIds};
 
 /// The ABI version this module is written against (Envoy 1.40 reports v0.2.0).
 const ABI_VERSION: &[u8] = b"v0.2.0\0";
@@ -103,6 +101,8 @@ const STOP: u32 = 1;
 const METRICS_SUCCESS: u32 = 0;
 /// The scheduler event that resumes a stream after a key refetch.
 const EVENT_KEYS: u64 = 1;
+/// The config scheduler event that hands pending counts to Envoy's stats (main thread).
+const EVENT_FLUSH: u64 = 2;
 
 type EnvoyFilterPtr = *mut c_void;
 
@@ -155,6 +155,30 @@ unsafe extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_define_histogram(
+        config: *mut c_void,
+        name: ModuleBuffer,
+        label_names: *const ModuleBuffer,
+        label_names_length: usize,
+        histogram_id: *mut usize,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_record_histogram_value(
+        filter: EnvoyFilterPtr,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        config: *mut c_void,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(config: *mut c_void) -> *mut c_void;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(scheduler: *mut c_void, event_id: u64);
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler: *mut c_void);
 }
 
 /// Envoy's bytes as a slice; empty for a null pointer or zero length.
@@ -177,16 +201,16 @@ pub fn log(level: Level, message: &str) {
     unsafe { envoy_dynamic_module_callback_log(level as u32, ModuleBuffer::of(message)) }
 }
 
-/// Run a hook body; a panic is logged and turned into `fallback`.
-fn guard<T>(fallback: impl FnOnce() -> T, body: impl FnOnce() -> T) -> T {
+/// Run a hook body; `None` when it panicked (the panic is logged and goes no further).
+fn guard<T>(body: impl FnOnce() -> T) -> Option<T> {
     match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(v) => v,
+        Ok(v) => Some(v),
         Err(_) => {
             log(
                 Level::Error,
                 "audgate: internal error in the filter (panic caught at the Envoy boundary)",
             );
-            fallback()
+            None
         }
     }
 }
@@ -195,27 +219,42 @@ fn guard<T>(fallback: impl FnOnce() -> T, body: impl FnOnce() -> T) -> T {
 // One stream, as the filter logic sees it
 // ---------------------------------------------------------------------------------------------
 
-/// The Envoy side of one stream during one hook.
+/// The Envoy side of one stream during one hook: made at the start of a hook, dropped at its
+/// end, never stored (so nothing borrowed from it outlives the hook).
 struct EnvoyStream {
     envoy: EnvoyFilterPtr,
-    /// Envoy's id of the checks counter, once the stream's config is known.
-    counter: Cell<Option<usize>>,
+    /// Envoy's ids of the config's stats, once the stream's config is known.
+    stats: StatIds,
     /// Whether a local reply was sent in this hook (a panic after it must not send another).
-    responded: Cell<bool>,
+    responded: bool,
 }
 
 impl EnvoyStream {
     fn new(envoy: EnvoyFilterPtr) -> EnvoyStream {
         EnvoyStream {
             envoy,
-            counter: Cell::new(None),
-            responded: Cell::new(false),
+            stats: StatIds::default(),
+            responded: false,
         }
+    }
+
+    /// A 503 for a request whose check failed inside the module (after a caught panic).
+    fn internal_error(&mut self) {
+        if self.responded {
+            return;
+        }
+        let body = r#"{"error":"keys_unavailable","error_description":"internal error in the audgate filter"}"#;
+        self.send_response(
+            503,
+            &[("content-type", "application/json"), ("retry-after", "5")],
+            body,
+            "audgate_internal_error",
+        );
     }
 }
 
 impl Stream for EnvoyStream {
-    fn request_headers(&self) -> Vec<(String, String)> {
+    fn request_headers(&self) -> Vec<(&[u8], &[u8])> {
         // SAFETY: `envoy` is the live filter of the current hook (worker thread).
         let count = unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.envoy, REQUEST_HEADER) };
         if count == 0 {
@@ -231,20 +270,36 @@ impl Stream for EnvoyStream {
         }
         raw.iter()
             .map(|h| {
-                // SAFETY: Envoy filled these from its header map; they stay valid until the end
-                // of this hook (nothing modifies the map before we copy them here).
-                let (key, value) = unsafe {
+                // SAFETY: Envoy filled these from its header map; abi.h guarantees each key and
+                // value buffer "until the end of the current event hook unless the setter
+                // callbacks are called". The slices borrow `self`, which lives only for this hook
+                // (see `EnvoyStream`), and every call that changes the stream (set/remove header,
+                // local reply, metadata, counters) takes `&mut self`: the borrow checker ends
+                // every use of these slices before a setter can run.
+                unsafe {
                     (
                         envoy_bytes(h.key_ptr, h.key_length),
                         envoy_bytes(h.value_ptr, h.value_length),
                     )
-                };
-                header_from_bytes(key, value)
+                }
             })
             .collect()
     }
 
-    fn set_request_header(&self, name: &str, value: &str) {
+    fn route_name(&self) -> Option<&str> {
+        // SAFETY: live filter; the result is null or a pointer returned by our
+        // per_route_config_new (a `Box<RouteName>`), alive while the route config is, which
+        // outlives the stream's hooks (the borrow is tied to this hook's `self`).
+        let config = unsafe { envoy_dynamic_module_callback_get_most_specific_route_config(self.envoy) };
+        if config.is_null() {
+            return None;
+        }
+        // SAFETY: see above; only read.
+        let route = unsafe { &*config.cast::<RouteName>() };
+        Some(&route.0)
+    }
+
+    fn set_request_header(&mut self, name: &str, value: &str) {
         // SAFETY: live filter of this hook; both buffers point into borrowed strings alive for the call.
         unsafe {
             envoy_dynamic_module_callback_http_set_header(
@@ -256,7 +311,7 @@ impl Stream for EnvoyStream {
         }
     }
 
-    fn remove_request_header(&self, name: &str) {
+    fn remove_request_header(&mut self, name: &str) {
         // SAFETY: as above; a null value asks Envoy to remove the header.
         unsafe {
             envoy_dynamic_module_callback_http_set_header(
@@ -268,7 +323,7 @@ impl Stream for EnvoyStream {
         }
     }
 
-    fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &str, details: &str) {
+    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str, details: &str) {
         let mut vector: Vec<ModuleHttpHeader> = headers
             .iter()
             .map(|(k, v)| ModuleHttpHeader {
@@ -278,7 +333,7 @@ impl Stream for EnvoyStream {
                 value_length: v.len(),
             })
             .collect();
-        self.responded.set(true);
+        self.responded = true;
         // SAFETY: live filter; `vector` and the strings it points into, `body` and `details`
         // outlive the call, and Envoy copies them.
         unsafe {
@@ -293,7 +348,7 @@ impl Stream for EnvoyStream {
         }
     }
 
-    fn set_metadata(&self, entries: &[(&str, &str)]) {
+    fn set_metadata(&mut self, entries: &[(&str, &str)]) {
         let pairs: Vec<ModuleKeyValuePair> = entries
             .iter()
             .map(|(k, v)| ModuleKeyValuePair {
@@ -315,39 +370,39 @@ impl Stream for EnvoyStream {
         }
     }
 
-    fn route_name(&self) -> Option<String> {
-        // SAFETY: live filter; the result is null or a pointer returned by our
-        // per_route_config_new (a `Box<RouteName>`), alive while the route config is, which
-        // outlives the stream's hooks.
-        let config = unsafe { envoy_dynamic_module_callback_get_most_specific_route_config(self.envoy) };
-        if config.is_null() {
-            return None;
+    fn record_check(&mut self, route: &str, decision: &str, reason: &str, micros: u64) {
+        if let Some(id) = self.stats.checks {
+            let labels = [
+                ModuleBuffer::of(route),
+                ModuleBuffer::of(decision),
+                ModuleBuffer::of(reason),
+            ];
+            // SAFETY: live filter of a config that defined counter `id` with these three labels;
+            // the label buffers point into strings alive for the call (Envoy copies them).
+            let _ = unsafe {
+                envoy_dynamic_module_callback_http_filter_increment_counter(
+                    self.envoy,
+                    id,
+                    labels.as_ptr(),
+                    labels.len(),
+                    1,
+                )
+            };
         }
-        // SAFETY: see above; only read.
-        let route = unsafe { &*config.cast::<RouteName>() };
-        Some(route.0.clone())
-    }
-
-    fn count_check(&self, route: &str, decision: &str, reason: &str) {
-        let Some(id) = self.counter.get() else {
-            return;
-        };
-        let labels = [
-            ModuleBuffer::of(route),
-            ModuleBuffer::of(decision),
-            ModuleBuffer::of(reason),
-        ];
-        // SAFETY: live filter of a config that defined counter `id` with three labels; the
-        // label buffers point into strings alive for the call.
-        let _ = unsafe {
-            envoy_dynamic_module_callback_http_filter_increment_counter(
-                self.envoy,
-                id,
-                labels.as_ptr(),
-                labels.len(),
-                1,
-            )
-        };
+        if let Some(id) = self.stats.check_duration {
+            let labels = [ModuleBuffer::of(route)];
+            // SAFETY: live filter of a config that defined histogram `id` with one label; the
+            // label buffer points into a string alive for the call.
+            let _ = unsafe {
+                envoy_dynamic_module_callback_http_filter_record_histogram_value(
+                    self.envoy,
+                    id,
+                    labels.as_ptr(),
+                    labels.len(),
+                    micros,
+                )
+            };
+        }
     }
 }
 
@@ -375,10 +430,35 @@ impl Drop for Scheduler {
     }
 }
 
+/// Envoy's scheduler for one filter config: commits run `on_http_filter_config_scheduled` on
+/// Envoy's main thread.
+struct ConfigScheduler(*mut c_void);
+
+// SAFETY: Envoy's config scheduler holds only a weak reference to the config; `commit` locks it
+// and posts to the main thread's dispatcher (a no-op once the config is gone), which abi.h
+// documents as usable "from any thread including the ones managed by the module".
+unsafe impl Send for ConfigScheduler {}
+// SAFETY: as above; the pointer is never dereferenced by the module.
+unsafe impl Sync for ConfigScheduler {}
+
+impl ConfigScheduler {
+    fn commit(&self, event: u64) {
+        // SAFETY: a scheduler from config_scheduler_new, not yet deleted (Drop deletes it).
+        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_commit(self.0, event) }
+    }
+}
+
+impl Drop for ConfigScheduler {
+    fn drop(&mut self) {
+        // SAFETY: created by config_scheduler_new and deleted exactly once, here.
+        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.0) }
+    }
+}
+
 /// The in-module stream: what `on_http_filter_new` hands Envoy.
 struct StreamState {
     filter: Filter,
-    counter: Option<usize>,
+    stats: StatIds,
 }
 
 /// A per-route config: the audgate route's name.
@@ -395,17 +475,17 @@ unsafe fn stream_state<'a>(module: *const c_void) -> Option<&'a mut StreamState>
 }
 
 /// Carry out a step: continue, stop, or stop and have the background thread refetch keys.
-fn run(step: Step, state: &mut StreamState, stream: &EnvoyStream) -> u32 {
+fn run(step: Step, state: &mut StreamState, stream: &mut EnvoyStream) -> u32 {
     match step {
         Step::Continue => CONTINUE,
         Step::Stop => STOP,
-        Step::WaitForKeys { issuer, generation } => {
+        Step::WaitForKeys(refetch) => {
             // SAFETY: live filter of this hook (worker thread), as scheduler_new requires.
             let raw = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(stream.envoy) };
             let spawned = !raw.is_null() && {
                 let scheduler = Scheduler(raw);
                 state.filter.spawn(async move {
-                    issuer.refetch_for_unknown_kid(generation).await;
+                    refetch.run().await;
                     scheduler.commit(EVENT_KEYS);
                 })
             };
@@ -422,18 +502,80 @@ fn run(step: Step, state: &mut StreamState, stream: &EnvoyStream) -> u32 {
     }
 }
 
-/// A 503 for a request whose check failed inside the module.
-fn internal_error(stream: &EnvoyStream) {
-    if stream.responded.get() {
-        return;
+/// Define the module's stats in a filter config (only possible during `config_new`). A stat
+/// Envoy refuses is logged and left out; the filter works without it.
+fn define_stats(envoy_config: *mut c_void) -> StatIds {
+    let define = |(name, labels): (&str, &[&str]), histogram: bool| -> Option<usize> {
+        let labels: Vec<ModuleBuffer> = labels.iter().map(|l| ModuleBuffer::of(l)).collect();
+        let mut id = 0usize;
+        // SAFETY: this hook's config pointer (stats are defined here, before Envoy freezes
+        // them); name and labels point into 'static strings; `id` is writable.
+        let result = unsafe {
+            if histogram {
+                envoy_dynamic_module_callback_http_filter_config_define_histogram(
+                    envoy_config,
+                    ModuleBuffer::of(name),
+                    labels.as_ptr(),
+                    labels.len(),
+                    &mut id,
+                )
+            } else {
+                envoy_dynamic_module_callback_http_filter_config_define_counter(
+                    envoy_config,
+                    ModuleBuffer::of(name),
+                    labels.as_ptr(),
+                    labels.len(),
+                    &mut id,
+                )
+            }
+        };
+        if result == METRICS_SUCCESS {
+            Some(id)
+        } else {
+            log(Level::Warn, &format!("audgate: cannot define {name} (result {result})"));
+            None
+        }
+    };
+    StatIds {
+        checks: define(metrics::CHECKS, false),
+        check_duration: define(metrics::CHECK_DURATION, true),
+        cache_hits: define(metrics::CACHE_HITS, false),
+        cache_misses: define(metrics::CACHE_MISSES, false),
+        jwks_refresh: define(metrics::JWKS_REFRESH, false),
+        config_reloads: define(metrics::CONFIG_RELOADS, false),
     }
-    let body = r#"{"error":"keys_unavailable","error_description":"internal error in the audgate filter"}"#;
-    stream.send_response(
-        503,
-        &[("content-type", "application/json"), ("retry-after", "5")],
-        body,
-        "audgate_internal_error",
-    );
+}
+
+/// Add the counts made off Envoy's workers to Envoy's counters (main thread).
+fn flush(envoy_config: *mut c_void, config: &FilterConfig) {
+    let add = |id: Option<usize>, labels: &[&str], value: u64| {
+        let Some(id) = id else { return };
+        if value == 0 {
+            return;
+        }
+        let labels: Vec<ModuleBuffer> = labels.iter().map(|l| ModuleBuffer::of(l)).collect();
+        // SAFETY: the config pointer Envoy passed to this main-thread hook, which defined
+        // counter `id` with exactly these labels; the buffers outlive the call.
+        let _ = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                envoy_config,
+                id,
+                labels.as_ptr(),
+                labels.len(),
+                value,
+            )
+        };
+    };
+    let stats = &config.stats;
+    let taken = config.shared.pending.take();
+    add(stats.cache_hits, &[], taken.cache_hits);
+    add(stats.cache_misses, &[], taken.cache_misses);
+    for (result, n) in &taken.reloads {
+        add(stats.config_reloads, &[result], *n);
+    }
+    for (issuer, result, n) in &taken.jwks {
+        add(stats.jwks_refresh, &[issuer, result], *n);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -453,7 +595,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     _name: EnvoyBuffer,
     config: EnvoyBuffer,
 ) -> *const c_void {
-    guard(ptr::null, || {
+    guard(|| {
         crate::init_tracing();
         // SAFETY: Envoy's buffer is valid for the duration of this hook; copied right away.
         let bytes = unsafe { envoy_bytes(config.ptr, config.length) };
@@ -472,43 +614,50 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                 return ptr::null();
             }
         };
-        let labels = CHECKS_LABELS.map(ModuleBuffer::of);
-        let mut id = 0usize;
-        // SAFETY: `envoy_config` is this hook's config pointer (stats are defined here, before
-        // Envoy freezes them); name and labels point into 'static strings; `id` is writable.
-        let result = unsafe {
-            envoy_dynamic_module_callback_http_filter_config_define_counter(
-                envoy_config,
-                ModuleBuffer::of(CHECKS_COUNTER),
-                labels.as_ptr(),
-                labels.len(),
-                &mut id,
-            )
-        };
-        if result == METRICS_SUCCESS {
-            loaded.checks_counter = Some(id);
-        } else {
-            log(
-                Level::Warn,
-                &format!("audgate: cannot define {CHECKS_COUNTER} (result {result})"),
-            );
+        loaded.stats = define_stats(envoy_config);
+        // SAFETY: this hook's config pointer, on the main thread; the scheduler is deleted by
+        // its Drop, when the FilterConfig (its owner, through `Shared`) goes.
+        let raw = unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_new(envoy_config) };
+        if !raw.is_null() {
+            let scheduler = ConfigScheduler(raw);
+            let _ = loaded
+                .shared
+                .notify
+                .set(Box::new(move || scheduler.commit(EVENT_FLUSH)));
         }
         Box::into_raw(Box::new(loaded)).cast_const().cast()
     })
+    .unwrap_or(ptr::null())
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *const c_void) {
-    guard(
-        || (),
-        || {
-            if !config.is_null() {
-                // SAFETY: returned by config_new from Box::into_raw; Envoy destroys it once,
-                // after every stream of the config (stops the background thread).
-                drop(unsafe { Box::from_raw(config.cast_mut().cast::<FilterConfig>()) });
-            }
-        },
-    );
+    guard(|| {
+        if !config.is_null() {
+            // SAFETY: returned by config_new from Box::into_raw; Envoy destroys it once,
+            // after every stream of the config (stops the background thread).
+            drop(unsafe { Box::from_raw(config.cast_mut().cast::<FilterConfig>()) });
+        }
+    });
+}
+
+/// The background thread asked for its counts to be added to Envoy's stats (main thread).
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    envoy_config: *mut c_void,
+    config: *const c_void,
+    event_id: u64,
+) {
+    guard(|| {
+        // SAFETY: returned by config_new, alive until config_destroy; Envoy runs this hook on
+        // the main thread only while the config lives (its scheduler holds a weak reference).
+        let Some(config) = (unsafe { config.cast::<FilterConfig>().as_ref() }) else {
+            return;
+        };
+        if event_id == EVENT_FLUSH {
+            flush(envoy_config, config);
+        }
+    });
 }
 
 /// A per-route config: the name of the audgate route to use (as ext_authz's `audgate.route`).
@@ -517,7 +666,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
     _name: EnvoyBuffer,
     config: EnvoyBuffer,
 ) -> *const c_void {
-    guard(ptr::null, || {
+    guard(|| {
         // SAFETY: valid for this hook; copied right away.
         let bytes = unsafe { envoy_bytes(config.ptr, config.length) };
         let name = String::from_utf8_lossy(bytes).trim().to_owned();
@@ -530,19 +679,17 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
         }
         Box::into_raw(Box::new(RouteName(name))).cast_const().cast()
     })
+    .unwrap_or(ptr::null())
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(config: *const c_void) {
-    guard(
-        || (),
-        || {
-            if !config.is_null() {
-                // SAFETY: returned by per_route_config_new from Box::into_raw; destroyed once.
-                drop(unsafe { Box::from_raw(config.cast_mut().cast::<RouteName>()) });
-            }
-        },
-    );
+    guard(|| {
+        if !config.is_null() {
+            // SAFETY: returned by per_route_config_new from Box::into_raw; destroyed once.
+            drop(unsafe { Box::from_raw(config.cast_mut().cast::<RouteName>()) });
+        }
+    });
 }
 
 #[unsafe(no_mangle)]
@@ -550,7 +697,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     config: *const c_void,
     _envoy: EnvoyFilterPtr,
 ) -> *const c_void {
-    guard(ptr::null, || {
+    guard(|| {
         // SAFETY: returned by config_new, alive until config_destroy, which Envoy calls only
         // after the config's streams are gone; only read.
         let Some(config) = (unsafe { config.cast::<FilterConfig>().as_ref() }) else {
@@ -558,10 +705,11 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
         };
         let state = StreamState {
             filter: Filter::new(config),
-            counter: config.checks_counter,
+            stats: config.stats,
         };
         Box::into_raw(Box::new(state)).cast_const().cast()
     })
+    .unwrap_or(ptr::null())
 }
 
 /// Where the decision is made. A panic answers 503 and stops the request.
@@ -571,23 +719,21 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     module: *const c_void,
     _end_of_stream: bool,
 ) -> u32 {
-    let stream = EnvoyStream::new(envoy);
-    guard(
-        || {
-            internal_error(&stream);
-            STOP
-        },
-        || {
-            // SAFETY: Envoy passes this stream's module pointer on its worker thread.
-            let Some(state) = (unsafe { stream_state(module) }) else {
-                internal_error(&stream);
-                return STOP;
-            };
-            stream.counter.set(state.counter);
-            let step = state.filter.on_request_headers(&stream);
-            run(step, state, &stream)
-        },
-    )
+    let mut stream = EnvoyStream::new(envoy);
+    let status = guard(|| {
+        // SAFETY: Envoy passes this stream's module pointer on its worker thread.
+        let Some(state) = (unsafe { stream_state(module) }) else {
+            stream.internal_error();
+            return STOP;
+        };
+        stream.stats = state.stats;
+        let step = state.filter.on_request_headers(&mut stream);
+        run(step, state, &mut stream)
+    });
+    status.unwrap_or_else(|| {
+        stream.internal_error();
+        STOP
+    })
 }
 
 /// A refetch ended: decide again and continue or answer.
@@ -597,24 +743,24 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     module: *const c_void,
     event_id: u64,
 ) {
-    let stream = EnvoyStream::new(envoy);
-    guard(
-        || internal_error(&stream),
-        || {
-            // SAFETY: this stream's module pointer, on its worker thread (the scheduler posts there).
-            let Some(state) = (unsafe { stream_state(module) }) else {
-                return;
-            };
-            if event_id != EVENT_KEYS || !state.filter.waiting {
-                return;
-            }
-            stream.counter.set(state.counter);
-            if matches!(state.filter.on_resume(&stream), Step::Continue) {
-                // SAFETY: live filter on its worker thread; the stream was stopped in request_headers.
-                unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(envoy) }
-            }
-        },
-    );
+    let mut stream = EnvoyStream::new(envoy);
+    let done = guard(|| {
+        // SAFETY: this stream's module pointer, on its worker thread (the scheduler posts there).
+        let Some(state) = (unsafe { stream_state(module) }) else {
+            return;
+        };
+        if event_id != EVENT_KEYS || !state.filter.waiting {
+            return;
+        }
+        stream.stats = state.stats;
+        if matches!(state.filter.on_resume(&mut stream), Step::Continue) {
+            // SAFETY: live filter on its worker thread; the stream was stopped in request_headers.
+            unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(envoy) }
+        }
+    });
+    if done.is_none() {
+        stream.internal_error();
+    }
 }
 
 /// While a stream waits for keys, its body is buffered (and its trailers held).
@@ -629,7 +775,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     module: *const c_void,
     _end_of_stream: bool,
 ) -> u32 {
-    guard(|| STOP, || if waiting(module) { STOP } else { CONTINUE })
+    guard(|| if waiting(module) { STOP } else { CONTINUE }).unwrap_or(STOP)
 }
 
 #[unsafe(no_mangle)]
@@ -637,7 +783,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     _envoy: EnvoyFilterPtr,
     module: *const c_void,
 ) -> u32 {
-    guard(|| STOP, || if waiting(module) { STOP } else { CONTINUE })
+    guard(|| if waiting(module) { STOP } else { CONTINUE }).unwrap_or(STOP)
 }
 
 #[unsafe(no_mangle)]
@@ -671,16 +817,13 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(_envoy: En
 
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: *const c_void) {
-    guard(
-        || (),
-        || {
-            if !module.is_null() {
-                // SAFETY: returned by filter_new from Box::into_raw; Envoy destroys it once. A
-                // refetch still running holds only the scheduler, whose commit becomes a no-op.
-                drop(unsafe { Box::from_raw(module.cast_mut().cast::<StreamState>()) });
-            }
-        },
-    );
+    guard(|| {
+        if !module.is_null() {
+            // SAFETY: returned by filter_new from Box::into_raw; Envoy destroys it once. A
+            // refetch still running holds only the scheduler, whose commit becomes a no-op.
+            drop(unsafe { Box::from_raw(module.cast_mut().cast::<StreamState>()) });
+        }
+    });
 }
 
 // Hooks Envoy 1.40 requires but audgate does not use (HTTP callouts, streams, watermarks). Their

@@ -3,41 +3,45 @@
 //! Envoy is reached only through the [`Stream`] trait, which src/ffi.rs implements over the C
 //! ABI (and the unit tests implement in memory).
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use audgate_core::authz::{self, CheckInput, Decision, Headers, Reason, Verdict};
 use audgate_core::config::{self, Config};
+use audgate_keys::KeyStore;
 use audgate_keys::token_cache::TokenCache;
-use audgate_keys::{IssuerKeys, KeyStore};
 
 use crate::background::Background;
+use crate::metrics::{Pending, Recording, StatIds};
 use crate::{Level, log};
 
 /// The dynamic metadata namespace (`%DYNAMIC_METADATA(audgate:route)%`).
 pub const METADATA_NAMESPACE: &str = "audgate";
-/// The counter of decisions, by route, decision and reason (SPEC.md's `audgate_checks_total`).
-pub const CHECKS_COUNTER: &str = "audgate_checks_total";
-pub const CHECKS_LABELS: [&str; 3] = ["route", "decision", "reason"];
 
-/// What the filter needs from Envoy for one stream.
+/// What the filter needs from Envoy for one stream, during one hook.
+///
+/// Reading borrows `self`; every call that changes the stream takes `&mut self`. Envoy keeps
+/// the header buffers it lends valid until the end of the hook *unless a setter is called*, so
+/// this split lets the compiler prove that no borrowed header outlives a change to the request.
 pub trait Stream {
-    /// The request headers (pseudo-headers included), names lower-case as Envoy keeps them.
-    fn request_headers(&self) -> Vec<(String, String)>;
-    /// Overwrite a request header (the client's copies included).
-    fn set_request_header(&self, name: &str, value: &str);
-    fn remove_request_header(&self, name: &str);
-    /// Answer the client with a local reply; `details` is Envoy's response code details.
-    fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &str, details: &str);
-    /// Strings in the `audgate` dynamic metadata namespace, in one go.
-    fn set_metadata(&self, entries: &[(&str, &str)]);
+    /// The request headers (pseudo-headers included) as Envoy holds them, names lower-case,
+    /// borrowed from Envoy's header map: no copy is made.
+    fn request_headers(&self) -> Vec<(&[u8], &[u8])>;
     /// The audgate route named by the Envoy route's per-filter config, if any.
-    fn route_name(&self) -> Option<String>;
-    /// Count one decision.
-    fn count_check(&self, route: &str, decision: &str, reason: &str);
+    fn route_name(&self) -> Option<&str>;
+    /// Overwrite a request header (the client's copies included).
+    fn set_request_header(&mut self, name: &str, value: &str);
+    fn remove_request_header(&mut self, name: &str);
+    /// Answer the client with a local reply; `details` is Envoy's response code details.
+    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str, details: &str);
+    /// Strings in the `audgate` dynamic metadata namespace, in one go.
+    fn set_metadata(&mut self, entries: &[(&str, &str)]);
+    /// Count one decision and how long it took ([`crate::metrics::CHECKS`],
+    /// [`crate::metrics::CHECK_DURATION`]).
+    fn record_check(&mut self, route: &str, decision: &str, reason: &str, micros: u64);
 }
 
 /// A config with the key caches of its issuers: what every check reads.
@@ -61,9 +65,24 @@ pub struct Shared {
     current: RwLock<Arc<Snapshot>>,
     /// The background thread's runtime, once started (never in `envoy --mode validate`).
     pub runtime: OnceLock<tokio::runtime::Handle>,
+    /// Counts made off Envoy's workers, for Envoy's stats ([`crate::metrics`]).
+    pub pending: Arc<Pending>,
+    /// Asks Envoy's main thread to take [`Self::pending`] (set once Envoy's config scheduler
+    /// exists; callable from any thread).
+    pub notify: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Shared {
+    fn new(path: &Path, snapshot: Snapshot, pending: Arc<Pending>) -> Shared {
+        Shared {
+            path: path.to_owned(),
+            current: RwLock::new(Arc::new(snapshot)),
+            runtime: OnceLock::new(),
+            pending,
+            notify: OnceLock::new(),
+        }
+    }
+
     pub fn current(&self) -> Arc<Snapshot> {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -81,8 +100,8 @@ pub struct FilterConfig {
     pub shared: Arc<Shared>,
     /// Held for its Drop: stopping the thread when Envoy destroys the config.
     _background: Option<Background>,
-    /// Envoy's id for [`CHECKS_COUNTER`], once defined.
-    pub checks_counter: Option<usize>,
+    /// Envoy's ids of the module's stats, once defined.
+    pub stats: StatIds,
 }
 
 impl FilterConfig {
@@ -107,14 +126,11 @@ impl FilterConfig {
             );
             let loaded = config::parse(PLACEHOLDER).map_err(|e| vec![format!("audgate: placeholder config: {e:?}")])?;
             let (keys, _) = KeyStore::build(&loaded.config, None).map_err(|e| vec![e])?;
+            let snapshot = Snapshot::new(loaded.config, keys);
             return Ok(FilterConfig {
-                shared: Arc::new(Shared {
-                    path: path.to_owned(),
-                    current: RwLock::new(Arc::new(Snapshot::new(loaded.config, keys))),
-                    runtime: OnceLock::new(),
-                }),
+                shared: Arc::new(Shared::new(path, snapshot, Arc::default())),
                 _background: None,
-                checks_counter: None,
+                stats: StatIds::default(),
             });
         }
         let loaded = config::load(path).map_err(|e| e.to_string().lines().map(str::to_owned).collect::<Vec<_>>())?;
@@ -124,11 +140,10 @@ impl FilterConfig {
         let (keys, fresh) =
             KeyStore::build(&loaded.config, None).map_err(|e| vec![format!("{}: error: {e}", path.display())])?;
         let text = std::fs::read(path).unwrap_or_default();
-        let shared = Arc::new(Shared {
-            path: path.to_owned(),
-            current: RwLock::new(Arc::new(Snapshot::new(loaded.config, keys))),
-            runtime: OnceLock::new(),
-        });
+        let pending = Arc::new(Pending::default());
+        // the token cache's hit and miss counters are taken here: they count for this config
+        let snapshot = Recording(Arc::clone(&pending)).scope(|| Snapshot::new(loaded.config, keys));
+        let shared = Arc::new(Shared::new(path, snapshot, pending));
         let background = if run {
             let bg = Background::start(Arc::clone(&shared), fresh, text)
                 .map_err(|e| vec![format!("audgate: cannot start the background thread: {e}")])?;
@@ -139,7 +154,7 @@ impl FilterConfig {
         Ok(FilterConfig {
             shared,
             _background: background,
-            checks_counter: None,
+            stats: StatIds::default(),
         })
     }
 }
@@ -150,9 +165,30 @@ pub enum Step {
     Continue,
     /// A local reply was sent, or the stream waits.
     Stop,
-    /// The token named a `kid` the issuer's current keys lack (or no keys ever loaded): stop,
-    /// let the background thread refetch (rate-limited, shared), then [`Filter::on_resume`].
-    WaitForKeys { issuer: Arc<IssuerKeys>, generation: u64 },
+    /// The token named a `kid` the issuer's (or tenant's) current keys lack, or no keys ever
+    /// loaded: stop, let the background thread refetch (rate-limited, shared), then
+    /// [`Filter::on_resume`].
+    WaitForKeys(Refetch),
+}
+
+/// A refetch a check asked for: the issuer, the tenant of a templated one, and the keys'
+/// generation the check saw.
+pub struct Refetch {
+    snapshot: Arc<Snapshot>,
+    issuer: authz::IssuerId,
+    tenant: Option<String>,
+    generation: u64,
+}
+
+impl Refetch {
+    /// Fetch within the rate limits (a new tenant's keys cache is created here); on the
+    /// background thread's runtime.
+    pub async fn run(self) {
+        self.snapshot
+            .keys
+            .refetch(self.issuer, self.tenant.as_deref(), self.generation)
+            .await;
+    }
 }
 
 /// One stream.
@@ -162,6 +198,8 @@ pub struct Filter {
     refetched: bool,
     /// Stopped, waiting for the background thread.
     pub waiting: bool,
+    /// When the check began (a check that waits for keys counts its wait).
+    started: Option<Instant>,
 }
 
 impl Filter {
@@ -170,27 +208,36 @@ impl Filter {
             shared: Arc::clone(&config.shared),
             refetched: false,
             waiting: false,
+            started: None,
         }
     }
 
     /// Decide on the request headers.
-    pub fn on_request_headers(&mut self, stream: &dyn Stream) -> Step {
+    pub fn on_request_headers(&mut self, stream: &mut dyn Stream) -> Step {
+        let started = *self.started.get_or_insert_with(Instant::now);
         let snapshot = self.shared.current();
-        let headers = header_map(stream.request_headers());
-        let route_hint = stream.route_name();
-        let input = input(&headers, route_hint.as_deref());
-        let generations: Vec<u64> = snapshot.keys.issuers().iter().map(|k| k.generation()).collect();
-        let decision = evaluate(&snapshot, &input);
-        if let (Reason::UnknownKid | Reason::KeysUnavailable, Some(id), false) =
-            (decision.reason, decision.issuer, self.refetched)
-        {
-            self.refetched = true;
-            return Step::WaitForKeys {
-                issuer: Arc::clone(snapshot.keys.issuer(id)),
-                generation: generations.get(id).copied().unwrap_or_default(),
-            };
-        }
-        finish(&snapshot, &input, &decision, stream)
+        let plan = {
+            let raw = stream.request_headers();
+            let text = text_headers(&raw);
+            let pairs: Vec<(&str, &str)> = text.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
+            let input = input(&pairs, stream.route_name());
+            let decision = evaluate(&snapshot, &input);
+            if let (Reason::UnknownKid | Reason::KeysUnavailable, Some(id), false) =
+                (decision.reason, decision.issuer, self.refetched)
+            {
+                self.refetched = true;
+                let tenant = decision.tenant.clone();
+                let generation = snapshot.keys.generation_for(id, tenant.as_deref());
+                return Step::WaitForKeys(Refetch {
+                    snapshot: Arc::clone(&snapshot),
+                    issuer: id,
+                    tenant,
+                    generation,
+                });
+            }
+            plan(&snapshot, &input, &decision)
+        };
+        apply(plan, started, stream)
     }
 
     /// Run `task` on the background thread; false when there is none (`envoy --mode validate`).
@@ -205,24 +252,29 @@ impl Filter {
     }
 
     /// The refetch ended (or could not run): decide again, once, and answer.
-    pub fn on_resume(&mut self, stream: &dyn Stream) -> Step {
+    pub fn on_resume(&mut self, stream: &mut dyn Stream) -> Step {
         self.refetched = true;
         self.waiting = false;
+        let started = *self.started.get_or_insert_with(Instant::now);
         let snapshot = self.shared.current();
-        let headers = header_map(stream.request_headers());
-        let route_hint = stream.route_name();
-        let input = input(&headers, route_hint.as_deref());
-        let decision = evaluate(&snapshot, &input);
-        finish(&snapshot, &input, &decision, stream)
+        let plan = {
+            let raw = stream.request_headers();
+            let text = text_headers(&raw);
+            let pairs: Vec<(&str, &str)> = text.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
+            let input = input(&pairs, stream.route_name());
+            let decision = evaluate(&snapshot, &input);
+            plan(&snapshot, &input, &decision)
+        };
+        apply(plan, started, stream)
     }
 }
 
 fn evaluate<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>) -> Decision<'p> {
     let memo = snapshot.tokens.view(&snapshot.keys);
-    authz::evaluate_with_memo(
+    authz::evaluate_tenants(
         &snapshot.config.policy,
         input,
-        |id| snapshot.keys.current(id),
+        |id, tenant| snapshot.keys.current_for(id, tenant),
         &memo,
         unix_now(),
     )
@@ -235,90 +287,143 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// One header as Envoy handed it over, as text: invalid UTF-8 is replaced (U+FFFD), so the
-/// core only ever sees `str`s whose lengths are their own.
-pub fn header_from_bytes(name: &[u8], value: &[u8]) -> (String, String) {
-    (
-        String::from_utf8_lossy(name).into_owned(),
-        String::from_utf8_lossy(value).into_owned(),
-    )
-}
-
-/// Envoy's headers as the core reads them: repeated headers joined with `,` (`cookie` with
-/// `; `, as one Cookie header would carry them).
-fn header_map(headers: Vec<(String, String)>) -> HashMap<String, String> {
-    let mut map: HashMap<String, String> = HashMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        match map.get_mut(&name) {
-            Some(existing) => {
-                existing.push_str(if name == "cookie" { "; " } else { "," });
-                existing.push_str(&value);
+/// Envoy's headers as the core reads them: text (invalid UTF-8 replaced by U+FFFD, so the core
+/// only ever sees `str`s whose lengths are their own), borrowed where the bytes are valid
+/// UTF-8 (always, but for a client's obs-text); a repeated header joined into its first
+/// occurrence with `,` (`cookie` with `; `, as one Cookie header would carry them), so a
+/// lookup finds every copy, as a map would.
+pub fn text_headers<'s>(raw: &[(&'s [u8], &'s [u8])]) -> Vec<(Cow<'s, str>, Cow<'s, str>)> {
+    let mut out: Vec<(Cow<'s, str>, Cow<'s, str>)> = Vec::with_capacity(raw.len());
+    for (name, value) in raw {
+        let name = String::from_utf8_lossy(name);
+        let value = String::from_utf8_lossy(value);
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, existing)) => {
+                let joined = existing.to_mut();
+                joined.push_str(if name == "cookie" { "; " } else { "," });
+                joined.push_str(&value);
             }
-            None => {
-                map.insert(name, value);
-            }
+            None => out.push((name, value)),
         }
     }
-    map
+    out
 }
 
-fn input<'a>(headers: &'a HashMap<String, String>, route_hint: Option<&'a str>) -> CheckInput<'a> {
-    let get = |name: &str| headers.get(name).map_or("", String::as_str);
+fn input<'a>(pairs: &'a [(&'a str, &'a str)], route_hint: Option<&'a str>) -> CheckInput<'a> {
+    let headers = Headers::Pairs(pairs);
+    let get = |name: &str| headers.get(name).unwrap_or("");
     CheckInput {
         method: get(":method"),
         host: get(":authority"),
         path: get(":path"),
-        headers: Headers::Map(headers),
+        headers,
         route_hint,
     }
 }
 
-/// Answer a decision: metadata, the count, the log line, then the request's headers (allow)
-/// or a local reply (deny, error).
-fn finish(snapshot: &Snapshot, input: &CheckInput<'_>, decision: &Decision<'_>, stream: &dyn Stream) -> Step {
+/// Everything a decision does to the stream, worked out while the request's headers are
+/// borrowed and carried out ([`apply`]) after: it holds nothing of the request.
+struct Plan<'p> {
+    response: authz::Response<'p>,
+    counted: (&'p str, &'static str, &'static str),
+    action: Action<'p>,
+}
+
+enum Action<'p> {
+    /// Let the request through with its headers adjusted.
+    Pass {
+        /// Claim-header spellings to remove that the request carries (removing a header the
+        /// request does not carry is a no-op: the call is skipped).
+        remove: Vec<&'p str>,
+        token: authz::token::TokenRemoval<'p>,
+        /// `:path` without the token's query parameters.
+        path: Option<String>,
+    },
+    /// Answer with a local reply.
+    Reply { details: String },
+}
+
+/// Work out the answer to a decision and log it (the log line reads `x-request-id`).
+fn plan<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>, decision: &Decision<'p>) -> Plan<'p> {
     let policy = &snapshot.config.policy;
     let response = authz::respond(policy, decision);
-    let m = &response.metadata;
-    stream.set_metadata(&[
-        ("route", m.route),
-        ("reason", m.reason),
-        ("subject", &m.subject),
-        ("client_id", &m.client_id),
-        ("issuer", &m.issuer),
-    ]);
-    stream.count_check(decision.route_name(), decision.verdict.label(), decision.reason.code());
     if snapshot.config.log_decisions.wants(decision.verdict) {
         log_decision(snapshot, decision, input);
     }
-    match decision.verdict {
+    let action = match decision.verdict {
         Verdict::Allow | Verdict::DryRunDeny => {
+            let remove = response
+                .remove_headers
+                .iter()
+                .copied()
+                .filter(|n| input.headers.contains(n))
+                .collect();
+            let token = authz::token::removal(&policy.token, input);
+            let path = (!token.query_parameters.is_empty())
+                .then(|| without_query_parameters(input.path, &token.query_parameters));
+            Action::Pass { remove, token, path }
+        }
+        Verdict::Deny | Verdict::Error => Action::Reply {
+            details: format!("audgate_{}", decision.reason.code()),
+        },
+    };
+    Plan {
+        response,
+        counted: (decision.route_name(), decision.verdict.label(), decision.reason.code()),
+        action,
+    }
+}
+
+/// Carry out a [`Plan`]: metadata, the count, then the request's headers (allow) or a local
+/// reply (deny, error). `started`: when the check began.
+fn apply(plan: Plan<'_>, started: Instant, stream: &mut dyn Stream) -> Step {
+    let Plan {
+        response,
+        counted,
+        action,
+    } = plan;
+    let m = &response.metadata;
+    let entries = [
+        ("route", m.route),
+        ("reason", m.reason),
+        ("subject", m.subject.as_str()),
+        ("client_id", m.client_id.as_str()),
+        ("issuer", m.issuer.as_str()),
+        ("tenant", m.tenant.as_str()),
+    ];
+    // `tenant` only for a templated issuer's token: each entry costs Envoy a metadata update on
+    // every request, and most configs have no tenants
+    let n = if m.tenant.is_empty() {
+        entries.len() - 1
+    } else {
+        entries.len()
+    };
+    stream.set_metadata(&entries[..n]);
+    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    stream.record_check(counted.0, counted.1, counted.2, micros);
+    match action {
+        Action::Pass { remove, token, path } => {
             for (name, value) in &response.upstream_headers {
                 stream.set_request_header(name, value);
             }
-            // removing a header the request does not carry is a no-op: skip the call
-            for name in response.remove_headers.iter().filter(|n| input.headers.contains(n)) {
+            for name in remove {
                 stream.remove_request_header(name);
             }
-            let removal = authz::token::removal(&policy.token, input);
-            for name in &removal.headers {
+            for name in &token.headers {
                 stream.remove_request_header(name);
             }
-            match removal.cookie.as_deref() {
+            match token.cookie.as_deref() {
                 Some("") => stream.remove_request_header("cookie"),
                 Some(cookie) => stream.set_request_header("cookie", cookie),
                 None => {}
             }
-            if !removal.query_parameters.is_empty() {
-                stream.set_request_header(
-                    ":path",
-                    &without_query_parameters(input.path, &removal.query_parameters),
-                );
+            if let Some(path) = path {
+                stream.set_request_header(":path", &path);
             }
             Step::Continue
         }
-        Verdict::Deny | Verdict::Error => {
+        Action::Reply { details } => {
             let headers: Vec<(&str, &str)> = response.client_headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let details = format!("audgate_{}", decision.reason.code());
             stream.send_response(response.status, &headers, &response.body, &details);
             Step::Stop
         }
@@ -334,6 +439,7 @@ fn log_decision(snapshot: &Snapshot, d: &Decision<'_>, input: &CheckInput<'_>) {
         "decision": d.verdict.label(),
         "reason": d.reason.code(),
         "issuer": issuer,
+        "tenant": d.tenant.as_deref().unwrap_or(""),
         "subject": d.subject().unwrap_or(""),
         "client_id": d.client_id.as_deref().unwrap_or(""),
         "request_id": input.header("x-request-id").unwrap_or(""),
@@ -371,7 +477,7 @@ pub fn without_query_parameters(path: &str, names: &[&str]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
+    use std::collections::HashMap;
 
     use super::*;
 
@@ -380,43 +486,39 @@ mod tests {
 
     #[derive(Default)]
     struct Fake {
-        headers: Vec<(String, String)>,
+        headers: Vec<(Vec<u8>, Vec<u8>)>,
         route: Option<String>,
-        set: RefCell<Vec<(String, String)>>,
-        removed: RefCell<Vec<String>>,
-        replies: RefCell<Vec<Reply>>,
-        metadata: RefCell<HashMap<String, String>>,
-        counts: RefCell<Vec<[String; 3]>>,
+        set: Vec<(String, String)>,
+        removed: Vec<String>,
+        replies: Vec<Reply>,
+        metadata: HashMap<String, String>,
+        counts: Vec<[String; 3]>,
     }
 
     impl Stream for Fake {
-        fn request_headers(&self) -> Vec<(String, String)> {
-            self.headers.clone()
+        fn request_headers(&self) -> Vec<(&[u8], &[u8])> {
+            self.headers.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect()
         }
-        fn set_request_header(&self, name: &str, value: &str) {
-            self.set.borrow_mut().push((name.into(), value.into()));
+        fn route_name(&self) -> Option<&str> {
+            self.route.as_deref()
         }
-        fn remove_request_header(&self, name: &str) {
-            self.removed.borrow_mut().push(name.into());
+        fn set_request_header(&mut self, name: &str, value: &str) {
+            self.set.push((name.into(), value.into()));
         }
-        fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &str, details: &str) {
+        fn remove_request_header(&mut self, name: &str) {
+            self.removed.push(name.into());
+        }
+        fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str, details: &str) {
             let headers = headers.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
-            self.replies
-                .borrow_mut()
-                .push((status, headers, body.into(), details.into()));
+            self.replies.push((status, headers, body.into(), details.into()));
         }
-        fn set_metadata(&self, entries: &[(&str, &str)]) {
+        fn set_metadata(&mut self, entries: &[(&str, &str)]) {
             for (key, value) in entries {
-                self.metadata.borrow_mut().insert((*key).into(), (*value).into());
+                self.metadata.insert((*key).into(), (*value).into());
             }
         }
-        fn route_name(&self) -> Option<String> {
-            self.route.clone()
-        }
-        fn count_check(&self, route: &str, decision: &str, reason: &str) {
-            self.counts
-                .borrow_mut()
-                .push([route.into(), decision.into(), reason.into()]);
+        fn record_check(&mut self, route: &str, decision: &str, reason: &str, _micros: u64) {
+            self.counts.push([route.into(), decision.into(), reason.into()]);
         }
     }
 
@@ -469,11 +571,15 @@ routes:
 
     fn request(path: &str, extra: &[(&str, &str)]) -> Fake {
         let mut headers = vec![
-            (":method".to_owned(), "GET".to_owned()),
-            (":authority".to_owned(), "shop.example.com".to_owned()),
-            (":path".to_owned(), path.to_owned()),
+            (b":method".to_vec(), b"GET".to_vec()),
+            (b":authority".to_vec(), b"shop.example.com".to_vec()),
+            (b":path".to_vec(), path.as_bytes().to_vec()),
         ];
-        headers.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        headers.extend(
+            extra
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())),
+        );
         Fake {
             headers,
             ..Fake::default()
@@ -483,20 +589,21 @@ routes:
     #[test]
     fn anonymous_route_passes_and_removes_spoofed_claim_headers() {
         let (_dir, cfg) = config(CONFIG);
-        let stream = request(
+        let mut stream = request(
             "/public/x",
             &[("x-auth-subject", "mallory"), ("x_auth_subject", "mallory")],
         );
         let mut filter = Filter::new(&cfg);
-        assert!(matches!(filter.on_request_headers(&stream), Step::Continue));
-        assert!(stream.removed.borrow().contains(&"x-auth-subject".to_owned()));
-        assert!(stream.removed.borrow().contains(&"x_auth_subject".to_owned()));
+        assert!(matches!(filter.on_request_headers(&mut stream), Step::Continue));
+        assert!(stream.removed.contains(&"x-auth-subject".to_owned()));
+        assert!(stream.removed.contains(&"x_auth_subject".to_owned()));
         // headers the request does not carry are not asked to be removed
-        assert_eq!(stream.removed.borrow().len(), 2, "{:?}", stream.removed.borrow());
-        assert_eq!(stream.metadata.borrow()["route"], "public");
-        assert_eq!(stream.metadata.borrow()["reason"], "anonymous");
+        assert_eq!(stream.removed.len(), 2, "{:?}", stream.removed);
+        assert_eq!(stream.metadata["route"], "public");
+        assert_eq!(stream.metadata["reason"], "anonymous");
+        assert!(!stream.metadata.contains_key("tenant"), "no tenant, no tenant metadata");
         assert_eq!(
-            stream.counts.borrow()[0],
+            stream.counts[0],
             ["public".to_owned(), "allow".into(), "anonymous".into()]
         );
     }
@@ -504,10 +611,10 @@ routes:
     #[test]
     fn missing_token_is_a_401_with_a_bearer_challenge() {
         let (_dir, cfg) = config(CONFIG);
-        let stream = request("/orders/1", &[]);
+        let mut stream = request("/orders/1", &[]);
         let mut filter = Filter::new(&cfg);
-        assert!(matches!(filter.on_request_headers(&stream), Step::Stop));
-        let replies = stream.replies.borrow();
+        assert!(matches!(filter.on_request_headers(&mut stream), Step::Stop));
+        let replies = stream.replies;
         let (status, headers, body, details) = &replies[0];
         assert_eq!(*status, 401);
         assert!(headers.contains(&("www-authenticate".into(), r#"Bearer realm="audgate""#.into())));
@@ -521,12 +628,12 @@ routes:
         let mut stream = request("/elsewhere", &[]);
         stream.route = Some("public".into());
         let mut filter = Filter::new(&cfg);
-        assert!(matches!(filter.on_request_headers(&stream), Step::Continue));
+        assert!(matches!(filter.on_request_headers(&mut stream), Step::Continue));
         stream.route = Some("nope".into());
         let mut filter = Filter::new(&cfg);
-        assert!(matches!(filter.on_request_headers(&stream), Step::Stop));
-        assert_eq!(stream.replies.borrow()[0].0, 403);
-        assert_eq!(stream.metadata.borrow()["reason"], "no_route");
+        assert!(matches!(filter.on_request_headers(&mut stream), Step::Stop));
+        assert_eq!(stream.replies[0].0, 403);
+        assert_eq!(stream.metadata["reason"], "no_route");
     }
 
     #[test]
@@ -539,12 +646,12 @@ routes:
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
         };
         let token = format!("{}.{}.c2ln", b64(header), b64(claims));
-        let stream = request("/orders/1", &[("authorization", &format!("Bearer {token}"))]);
+        let mut stream = request("/orders/1", &[("authorization", &format!("Bearer {token}"))]);
         let mut filter = Filter::new(&cfg);
-        assert!(matches!(filter.on_request_headers(&stream), Step::WaitForKeys { .. }));
-        assert!(stream.replies.borrow().is_empty());
-        assert!(matches!(filter.on_resume(&stream), Step::Stop));
-        let replies = stream.replies.borrow();
+        assert!(matches!(filter.on_request_headers(&mut stream), Step::WaitForKeys(_)));
+        assert!(stream.replies.is_empty());
+        assert!(matches!(filter.on_resume(&mut stream), Step::Stop));
+        let replies = stream.replies;
         assert_eq!(replies[0].0, 503);
         assert!(replies[0].2.contains("keys_unavailable"));
     }
@@ -589,23 +696,26 @@ routes:
         )
         .unwrap();
         let cfg = FilterConfig::load(config_path.to_str().unwrap(), true).unwrap_or_else(|e| panic!("{e:?}"));
-        let stream = request("/orders/1", &[("authorization", &format!("Bearer {token}"))]);
-        let mut step = Filter::new(&cfg).on_request_headers(&stream);
+        let mut stream = request("/orders/1", &[("authorization", &format!("Bearer {token}"))]);
+        let mut step = Filter::new(&cfg).on_request_headers(&mut stream);
         for _ in 0..200 {
             // the background thread loads the keys
-            if !matches!(step, Step::WaitForKeys { .. }) {
+            if !matches!(step, Step::WaitForKeys(_)) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
-            step = Filter::new(&cfg).on_request_headers(&stream);
+            step = Filter::new(&cfg).on_request_headers(&mut stream);
         }
-        assert!(matches!(step, Step::Continue), "{:?}", stream.replies.borrow());
+        assert!(matches!(step, Step::Continue), "{:?}", stream.replies);
         assert_eq!(
             cfg.shared.current().tokens.len(),
             1,
             "the verified token was not remembered"
         );
-        assert!(matches!(Filter::new(&cfg).on_request_headers(&stream), Step::Continue));
+        assert!(matches!(
+            Filter::new(&cfg).on_request_headers(&mut stream),
+            Step::Continue
+        ));
     }
 
     #[test]
@@ -684,8 +794,8 @@ routes:
         ];
         for _ in 0..3000 {
             let mut headers = vec![
-                header_from_bytes(b":method", b"GET"),
-                header_from_bytes(b":authority", &rng.bytes(20)),
+                (b":method".to_vec(), b"GET".to_vec()),
+                (b":authority".to_vec(), rng.bytes(20)),
             ];
             let mut path = if rng.below(2) == 0 {
                 b"/orders".to_vec()
@@ -693,22 +803,22 @@ routes:
                 b"/public".to_vec()
             };
             path.extend(rng.bytes(40));
-            headers.push(header_from_bytes(b":path", &path));
+            headers.push((b":path".to_vec(), path));
             for _ in 0..rng.below(6) {
                 let name = names[rng.below(names.len())];
-                headers.push(header_from_bytes(name, &rng.bytes(300)));
+                headers.push((name.to_vec(), rng.bytes(300)));
             }
-            let stream = Fake {
+            let mut stream = Fake {
                 headers,
                 route: (rng.below(4) == 0).then(|| String::from_utf8_lossy(&rng.bytes(10)).into_owned()),
                 ..Fake::default()
             };
             let mut filter = Filter::new(&cfg);
-            let step = match filter.on_request_headers(&stream) {
-                Step::WaitForKeys { .. } => filter.on_resume(&stream),
+            let step = match filter.on_request_headers(&mut stream) {
+                Step::WaitForKeys(_) => filter.on_resume(&mut stream),
                 other => other,
             };
-            let replies = stream.replies.borrow();
+            let replies = stream.replies;
             match step {
                 Step::Continue => assert!(replies.is_empty()),
                 Step::Stop => {
@@ -716,29 +826,38 @@ routes:
                     assert!(matches!(replies[0].0, 401 | 403 | 503), "{}", replies[0].0);
                     assert!(serde_json::from_str::<serde_json::Value>(&replies[0].2).is_ok());
                 }
-                Step::WaitForKeys { .. } => panic!("waited twice"),
+                Step::WaitForKeys(_) => panic!("waited twice"),
             }
-            assert_eq!(stream.counts.borrow().len(), 1);
+            assert_eq!(stream.counts.len(), 1);
         }
     }
 
     #[test]
-    fn repeated_headers_are_joined() {
-        let map = header_map(vec![
-            ("cookie".into(), "a=1".into()),
-            ("cookie".into(), "b=2".into()),
-            ("x".into(), "1".into()),
-            ("x".into(), "2".into()),
-        ]);
-        assert_eq!(map["cookie"], "a=1; b=2");
-        assert_eq!(map["x"], "1,2");
+    fn repeated_headers_are_joined_and_valid_text_is_borrowed() {
+        let raw: [(&[u8], &[u8]); 6] = [
+            (b"cookie", b"a=1"),
+            (b"x", b"1"),
+            (b"cookie", b"b=2"),
+            (b"x", b"2"),
+            (b"y", b"ok"),
+            (b"z", b"\xffbad"),
+        ];
+        let text = text_headers(&raw);
+        let pairs: Vec<(&str, &str)> = text.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
+        assert_eq!(
+            pairs,
+            [("cookie", "a=1; b=2"), ("x", "1,2"), ("y", "ok"), ("z", "\u{fffd}bad")]
+        );
+        assert!(matches!(text[2].1, Cow::Borrowed(_)), "valid UTF-8 is not copied");
+        let input = input(&pairs, None);
+        assert_eq!(input.header("cookie"), Some("a=1; b=2"));
     }
 
     #[test]
     fn validation_without_the_file_uses_a_deny_all_placeholder() {
         let cfg = FilterConfig::load("/nonexistent/audgate.yaml", false).unwrap_or_else(|e| panic!("{e:?}"));
-        let stream = request("/x", &[]);
-        assert!(matches!(Filter::new(&cfg).on_request_headers(&stream), Step::Stop));
+        let mut stream = request("/x", &[]);
+        assert!(matches!(Filter::new(&cfg).on_request_headers(&mut stream), Step::Stop));
         assert!(FilterConfig::load("/nonexistent/audgate.yaml", true).is_err());
     }
 

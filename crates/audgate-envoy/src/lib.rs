@@ -5,13 +5,15 @@
 //! - `ffi`: the C ABI (Envoy 1.40, ABI v0.2.0): hooks Envoy calls, callbacks the module calls.
 //!   The only module with `unsafe`; every hook runs inside `catch_unwind`.
 //! - [`filter`]: the decision flow per stream, over the [`filter::Stream`] trait.
-//! - `background`: the module's own thread (key refresh, refetch, config reload).
+//! - `background`: the module's own thread (key refresh, refetch, config reload, stats hand-over).
+//! - [`metrics`]: the module's Envoy stats and how counts made off Envoy's workers reach them.
 #![deny(unsafe_code)]
 
 mod background;
 #[cfg(not(test))]
 mod ffi;
 pub mod filter;
+pub mod metrics;
 
 /// Envoy's log levels (`envoy_dynamic_module_type_log_level`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
