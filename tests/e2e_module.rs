@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::realms::Realms;
+use common::realms::{Realms, tenants_config};
 use common::{
     EnvoyPorts, IssuerServer, Metrics, Mode, ModeStack, TestKey, assert_deny, assert_upstream, free_port,
     keycloak_claims, merge, str_claim,
@@ -717,40 +717,6 @@ async fn module_soak() {
     );
 }
 
-fn tenants_config(base: &str) -> String {
-    format!(
-        r#"
-issuers:
-  realms:
-    issuer: {base}/realms/{{tenant}}
-    tenants: [shop, billing]
-    discovery: true
-  teams:
-    issuer: {base}/orgs/{{tenant}}
-    tenant_pattern: "^team-[a-z0-9]{{1,20}}$"
-    max_tenants: 3
-    discovery: true
-    min_refresh_interval: 30s
-claim_headers:
-  x-auth-subject: sub
-  x-auth-tenant: $tenant
-  x-auth-client-id: $client_id
-routes:
-  - name: shop-only
-    match: {{ path_prefix: /shop }}
-    issuers: [realms]
-    tenants: [shop]
-    client_ids: [api]
-    client_id_claims: [aud, azp]
-  - name: any
-    match: {{ path_prefix: / }}
-    client_ids: [api]
-    client_id_claims: [aud, azp]
-default: deny
-"#
-    )
-}
-
 /// Templated issuers through the module, as `audgate serve` answers them (tests/e2e_policies.rs):
 /// listed tenants load at start, each tenant with its own keys; a pattern tenant's keys are
 /// fetched on the background thread at its first request, which waits (stopped, then resumed
@@ -766,7 +732,7 @@ async fn templated_issuer_tenants_through_the_module() {
     let other = realms.add("realms", "other", &shop_key);
     let placeholder = IssuerServer::start(&[&TestKey::ec("unused")]).await;
     let base = realms.base.clone();
-    let stack = ModeStack::start_with_issuer(Mode::Module, placeholder, |_| tenants_config(&base)).await;
+    let stack = ModeStack::start_with_issuer(Mode::Module, placeholder, |_| tenants_config(&base, "")).await;
     let token = |key: &TestKey, iss: &str| key.mint(merge(keycloak_claims(iss, "api"), json!({"sub": "alice-id"})));
 
     // a listed tenant (its keys load in the background at start)

@@ -186,46 +186,7 @@ async fn cors_preflight_and_required_claims_over_the_http_endpoint() {
 
 use std::collections::HashMap;
 
-use common::realms::Realms;
-
-fn tenants_config(base: &str, http: bool) -> String {
-    let endpoint = if http {
-        "http_endpoint: { path_prefix: /authz }\n"
-    } else {
-        ""
-    };
-    format!(
-        r#"
-issuers:
-  realms:
-    issuer: {base}/realms/{{tenant}}
-    tenants: [shop, billing]
-    discovery: true
-  teams:
-    issuer: {base}/orgs/{{tenant}}
-    tenant_pattern: "^team-[a-z0-9]{{1,20}}$"
-    max_tenants: 3
-    discovery: true
-    min_refresh_interval: 30s
-claim_headers:
-  x-auth-subject: sub
-  x-auth-tenant: $tenant
-  x-auth-client-id: $client_id
-routes:
-  - name: shop-only
-    match: {{ path_prefix: /shop }}
-    issuers: [realms]
-    tenants: [shop]
-    client_ids: [api]
-    client_id_claims: [aud, azp]
-  - name: any
-    match: {{ path_prefix: / }}
-    client_ids: [api]
-    client_id_claims: [aud, azp]
-default: deny
-{endpoint}"#
-    )
-}
+use common::realms::{Realms, tenants_config};
 
 async fn admin_get(stack: &Stack, path: &str) -> (u16, String) {
     let r = http_client()
@@ -242,7 +203,16 @@ async fn tenants_stack(realms: &Realms, http: bool) -> Stack {
     let base = realms.base.clone();
     let stack = Stack::start_full(
         placeholder,
-        |_| tenants_config(&base, http),
+        |_| {
+            tenants_config(
+                &base,
+                if http {
+                    "http_endpoint: { path_prefix: /authz }\n"
+                } else {
+                    ""
+                },
+            )
+        },
         common::AudgateOptions::default(),
         http,
     )
@@ -375,7 +345,7 @@ async fn doctor(config: &str) -> (bool, String) {
 
 /// `audgate doctor` checks every listed tenant live, and says pattern tenants are not checked.
 async fn doctor_checks_listed_tenants(realms: &Realms) {
-    let config = tenants_config(&realms.base, false);
+    let config = tenants_config(&realms.base, "");
     let (ok, text) = doctor(&config).await;
     assert!(ok, "{text}");
     for expected in [

@@ -276,4 +276,105 @@ mod tests {
         let strings = Strings::read(&lean).expect("UTF-8");
         assert_eq!(strings.input().header("x-a"), map.get("x-a").map(String::as_str));
     }
+
+    /// A small deterministic generator, so a failure replays.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn text(&mut self) -> String {
+            const ALPHABET: &[&str] = &[
+                "a",
+                "Z",
+                "-",
+                "_",
+                ":",
+                "/",
+                "%2e",
+                ".",
+                " ",
+                "é",
+                "\u{0}",
+                ",",
+                "audgate.route",
+            ];
+            (0..self.below(8))
+                .map(|_| ALPHABET[self.below(ALPHABET.len())])
+                .collect()
+        }
+    }
+
+    #[test]
+    fn reads_every_generated_request_as_envoy_types_does() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..2_000 {
+            let headers: Vec<(String, String)> = (0..rng.below(6)).map(|_| (rng.text(), rng.text())).collect();
+            let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let route = (rng.below(2) == 0).then(|| rng.text());
+            let (method, host, path) = (rng.text(), rng.text(), rng.text());
+            let wire = full(&pairs, &method, &host, &path, route.as_deref());
+            let reference = Full::decode(&wire[..]).expect("envoy-types decodes it");
+            let attributes = reference.attributes.as_ref().expect("attributes");
+            let http = attributes.request.as_ref().and_then(|r| r.http.as_ref()).expect("http");
+            let lean = decode(wire);
+            let strings = Strings::read(&lean).expect("UTF-8");
+            let input = strings.input();
+            fn or_header<'a>(headers: &'a HashMap<String, String>, field: &'a str, name: &str) -> &'a str {
+                match field {
+                    "" => headers.get(name).map_or("", String::as_str),
+                    set => set,
+                }
+            }
+            let or_header = |field, name| or_header(&http.headers, field, name);
+            assert_eq!(input.method, or_header(&http.method, ":method"));
+            assert_eq!(input.host, or_header(&http.host, ":authority"));
+            assert_eq!(input.path, or_header(&http.path, ":path"));
+            assert_eq!(
+                input.route_hint,
+                attributes.context_extensions.get(ROUTE_CONTEXT_KEY).map(String::as_str)
+            );
+            for name in http.headers.keys() {
+                assert_eq!(input.header(name), http.headers.get(name).map(String::as_str), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_frames_are_refused_or_read_never_a_panic() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let base = full(
+            &[("authorization", "Bearer t"), (":path", "/a")],
+            "GET",
+            "h",
+            "/a",
+            Some("r"),
+        );
+        for _ in 0..5_000 {
+            let mut wire = base.clone();
+            for _ in 0..=rng.below(4) {
+                let at = rng.below(wire.len());
+                match rng.below(3) {
+                    0 => wire[at] = rng.next() as u8,
+                    1 => wire.truncate(at),
+                    _ => wire.insert(at, rng.next() as u8),
+                }
+                if wire.is_empty() {
+                    break;
+                }
+            }
+            if let Ok(request) = CheckRequest::decode(Bytes::from(wire)) {
+                if let Ok(strings) = Strings::read(&request) {
+                    let _ = strings.input().target();
+                }
+            }
+        }
+    }
 }

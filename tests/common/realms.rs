@@ -101,3 +101,39 @@ async fn realm_jwks(
         None => axum::http::StatusCode::NOT_FOUND.into_response(),
     }
 }
+
+/// The tenant tests' audgate config, issuers on `base` (a [`Realms`] host): `realms` lists its
+/// tenants, `teams` takes any tenant its pattern admits (at most 3); `extra` is appended.
+pub fn tenants_config(base: &str, extra: &str) -> String {
+    format!(
+        r#"
+issuers:
+  realms:
+    issuer: {base}/realms/{{tenant}}
+    tenants: [shop, billing]
+    discovery: true
+  teams:
+    issuer: {base}/orgs/{{tenant}}
+    tenant_pattern: "^team-[a-z0-9]{{1,20}}$"
+    max_tenants: 3
+    discovery: true
+    min_refresh_interval: 30s
+claim_headers:
+  x-auth-subject: sub
+  x-auth-tenant: $tenant
+  x-auth-client-id: $client_id
+routes:
+  - name: shop-only
+    match: {{ path_prefix: /shop }}
+    issuers: [realms]
+    tenants: [shop]
+    client_ids: [api]
+    client_id_claims: [aud, azp]
+  - name: any
+    match: {{ path_prefix: / }}
+    client_ids: [api]
+    client_id_claims: [aud, azp]
+default: deny
+{extra}"#
+    )
+}
