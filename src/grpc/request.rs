@@ -370,10 +370,10 @@ mod tests {
                     break;
                 }
             }
-            if let Ok(request) = CheckRequest::decode(Bytes::from(wire)) {
-                if let Ok(strings) = Strings::read(&request) {
-                    let _ = strings.input().target();
-                }
+            if let Ok(request) = CheckRequest::decode(Bytes::from(wire))
+                && let Ok(strings) = Strings::read(&request)
+            {
+                let _ = strings.input().target();
             }
         }
     }
