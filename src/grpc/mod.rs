@@ -5,7 +5,7 @@
 //! - [`response`]: the `CheckResponse` written straight from the core's [`Response`](crate::authz::Response);
 //! - here: the codec that joins them to tonic's unary call handling (framing, size limit,
 //!   status and trailers stay tonic's), and [`Listener`], which sends `Check` there and every
-//!   other path of the gRPC port (health, reflection) to the ordinary tonic router.
+//!   other path of the gRPC port (gRPC health) to the ordinary tonic router.
 
 mod request;
 mod response;
