@@ -55,8 +55,6 @@ pub fn install() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-const VERDICTS: usize = 4;
-
 /// The per-check metrics of one config, as handles: a series is registered the first time it
 /// is recorded (so `/metrics` lists only what happened), and from then on recording is an
 /// atomic add, with no label strings built and no registry lookup per check.
@@ -68,7 +66,7 @@ pub struct CheckMetrics {
 struct RouteMetrics {
     duration: OnceLock<Histogram>,
     /// By verdict, then reason.
-    checks: [[OnceLock<Counter>; Reason::ALL.len()]; VERDICTS],
+    checks: [[OnceLock<Counter>; Reason::ALL.len()]; Verdict::ALL.len()],
 }
 
 impl CheckMetrics {

@@ -127,7 +127,8 @@ async fn standard_stack(mode: Mode) -> (ModeStack, TestKey, TestKey) {
 }
 
 /// Checks Envoy counted as errors: ext_authz's `error` stat, or the module's
-/// `audgate_checks_total{decision="error"}` summed over routes and reasons.
+/// `audgate_checks_total{decision="error"}` summed over routes and reasons (handed to Envoy's
+/// stats within about a second).
 async fn error_count(stack: &ModeStack) -> u64 {
     match stack.mode {
         Mode::ExtAuthz => stack.envoy_stat("http.ingress.ext_authz.error").await.unwrap_or(0),
@@ -919,7 +920,15 @@ default: deny
     }
     // Envoy counted these as errors, not as denials: ext_authz's error_response, or the
     // module's decision=error count.
-    let errors_after = error_count(&stack).await;
+    // (the module hands its counts to Envoy's stats once a second)
+    let mut errors_after = error_count(&stack).await;
+    for _ in 0..50 {
+        if errors_after >= errors_before + unavailable {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        errors_after = error_count(&stack).await;
+    }
     assert!(
         errors_after >= errors_before + unavailable,
         "expected {unavailable} more errors in Envoy (before {errors_before}, after \

@@ -70,12 +70,14 @@ impl Drop for Background {
     }
 }
 
-/// Hand the counts made off Envoy's workers to Envoy's main thread, when there are any.
+/// Hand the counts made since the last tick (the workers' decisions, and what was counted off
+/// them) to Envoy's main thread, when there are any.
 async fn flush(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(FLUSH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        shared.current().counts.drain();
         if shared.pending.any()
             && let Some(notify) = shared.notify.get()
         {
@@ -140,6 +142,6 @@ fn reload(shared: &Shared, text: &str) -> Result<String, Vec<String>> {
     let (keys, fresh) = KeyStore::build(&loaded.config, Some(&previous.keys)).map_err(|e| vec![e])?;
     KeyStore::spawn_refresh(fresh);
     let hash = loaded.config.hash.clone();
-    shared.replace(Snapshot::new(loaded.config, keys));
+    shared.replace(Snapshot::new(loaded.config, keys, Arc::clone(&shared.pending)));
     Ok(hash)
 }

@@ -121,6 +121,12 @@ unsafe extern "C" {
         key: ModuleBuffer,
         value: ModuleBuffer,
     ) -> bool;
+    fn envoy_dynamic_module_callback_http_add_header(
+        filter: EnvoyFilterPtr,
+        header_type: u32,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
     fn envoy_dynamic_module_callback_http_send_response(
         filter: EnvoyFilterPtr,
         status_code: u32,
@@ -147,13 +153,6 @@ unsafe extern "C" {
         label_names: *const ModuleBuffer,
         label_names_length: usize,
         counter_id: *mut usize,
-    ) -> u32;
-    fn envoy_dynamic_module_callback_http_filter_increment_counter(
-        filter: EnvoyFilterPtr,
-        id: usize,
-        label_values: *const ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
     ) -> u32;
     fn envoy_dynamic_module_callback_http_filter_config_define_histogram(
         config: *mut c_void,
@@ -311,6 +310,18 @@ impl Stream for EnvoyStream {
         }
     }
 
+    fn add_request_header(&mut self, name: &str, value: &str) {
+        // SAFETY: live filter of this hook; both buffers point into borrowed strings alive for the call.
+        unsafe {
+            envoy_dynamic_module_callback_http_add_header(
+                self.envoy,
+                REQUEST_HEADER,
+                ModuleBuffer::of(name),
+                ModuleBuffer::of(value),
+            );
+        }
+    }
+
     fn remove_request_header(&mut self, name: &str) {
         // SAFETY: as above; a null value asks Envoy to remove the header.
         unsafe {
@@ -370,37 +381,12 @@ impl Stream for EnvoyStream {
         }
     }
 
-    fn record_check(&mut self, route: &str, decision: &str, reason: &str, micros: u64) {
-        if let Some(id) = self.stats.checks {
-            let labels = [
-                ModuleBuffer::of(route),
-                ModuleBuffer::of(decision),
-                ModuleBuffer::of(reason),
-            ];
-            // SAFETY: live filter of a config that defined counter `id` with these three labels;
-            // the label buffers point into strings alive for the call (Envoy copies them).
-            let _ = unsafe {
-                envoy_dynamic_module_callback_http_filter_increment_counter(
-                    self.envoy,
-                    id,
-                    labels.as_ptr(),
-                    labels.len(),
-                    1,
-                )
-            };
-        }
+    fn record_duration(&mut self, micros: u64) {
         if let Some(id) = self.stats.check_duration {
-            let labels = [ModuleBuffer::of(route)];
-            // SAFETY: live filter of a config that defined histogram `id` with one label; the
-            // label buffer points into a string alive for the call.
+            // SAFETY: live filter of a config that defined histogram `id` without labels; no
+            // label buffers are passed (null with length 0, Envoy's unlabelled path).
             let _ = unsafe {
-                envoy_dynamic_module_callback_http_filter_record_histogram_value(
-                    self.envoy,
-                    id,
-                    labels.as_ptr(),
-                    labels.len(),
-                    micros,
-                )
+                envoy_dynamic_module_callback_http_filter_record_histogram_value(self.envoy, id, ptr::null(), 0, micros)
             };
         }
     }
@@ -575,6 +561,9 @@ fn flush(envoy_config: *mut c_void, config: &FilterConfig) {
     }
     for (issuer, result, n) in &taken.jwks {
         add(stats.jwks_refresh, &[issuer, result], *n);
+    }
+    for (route, decision, reason, n) in &taken.checks {
+        add(stats.checks, &[route, decision, reason], *n);
     }
 }
 

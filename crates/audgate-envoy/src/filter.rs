@@ -15,7 +15,7 @@ use audgate_keys::KeyStore;
 use audgate_keys::token_cache::TokenCache;
 
 use crate::background::Background;
-use crate::metrics::{Pending, Recording, StatIds};
+use crate::metrics::{CheckCounts, Pending, Recording, StatIds};
 use crate::{Level, log};
 
 /// The dynamic metadata namespace (`%DYNAMIC_METADATA(audgate:route)%`).
@@ -34,14 +34,17 @@ pub trait Stream {
     fn route_name(&self) -> Option<&str>;
     /// Overwrite a request header (the client's copies included).
     fn set_request_header(&mut self, name: &str, value: &str);
+    /// Add a request header the request does not carry (cheaper for Envoy than a set, which
+    /// looks for copies to replace first).
+    fn add_request_header(&mut self, name: &str, value: &str);
     fn remove_request_header(&mut self, name: &str);
     /// Answer the client with a local reply; `details` is Envoy's response code details.
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str, details: &str);
     /// Strings in the `audgate` dynamic metadata namespace, in one go.
     fn set_metadata(&mut self, entries: &[(&str, &str)]);
-    /// Count one decision and how long it took ([`crate::metrics::CHECKS`],
-    /// [`crate::metrics::CHECK_DURATION`]).
-    fn record_check(&mut self, route: &str, decision: &str, reason: &str, micros: u64);
+    /// How long a check took ([`crate::metrics::CHECK_DURATION`]); the decision itself is
+    /// counted in the snapshot's [`CheckCounts`].
+    fn record_duration(&mut self, micros: u64);
 }
 
 /// A config with the key caches of its issuers: what every check reads.
@@ -50,12 +53,22 @@ pub struct Snapshot {
     pub keys: KeyStore,
     /// Verified tokens (SPEC.md "Caching"), as `audgate serve` keeps them; new per config.
     pub tokens: TokenCache,
+    /// Decisions by route, verdict and reason, until the background thread takes them.
+    pub counts: CheckCounts,
 }
 
 impl Snapshot {
-    pub fn new(config: Config, keys: KeyStore) -> Snapshot {
+    /// A snapshot whose decision counts drain into `pending`.
+    pub fn new(config: Config, keys: KeyStore, pending: Arc<Pending>) -> Snapshot {
         let tokens = TokenCache::new(&config.token_cache);
-        Snapshot { config, keys, tokens }
+        let routes = config.policy.routes.routes().iter().map(|r| r.name.as_str());
+        let counts = CheckCounts::new(routes, pending);
+        Snapshot {
+            config,
+            keys,
+            tokens,
+            counts,
+        }
     }
 }
 
@@ -126,9 +139,10 @@ impl FilterConfig {
             );
             let loaded = config::parse(PLACEHOLDER).map_err(|e| vec![format!("audgate: placeholder config: {e:?}")])?;
             let (keys, _) = KeyStore::build(&loaded.config, None).map_err(|e| vec![e])?;
-            let snapshot = Snapshot::new(loaded.config, keys);
+            let pending = Arc::new(Pending::default());
+            let snapshot = Snapshot::new(loaded.config, keys, Arc::clone(&pending));
             return Ok(FilterConfig {
-                shared: Arc::new(Shared::new(path, snapshot, Arc::default())),
+                shared: Arc::new(Shared::new(path, snapshot, pending)),
                 _background: None,
                 stats: StatIds::default(),
             });
@@ -142,7 +156,8 @@ impl FilterConfig {
         let text = std::fs::read(path).unwrap_or_default();
         let pending = Arc::new(Pending::default());
         // the token cache's hit and miss counters are taken here: they count for this config
-        let snapshot = Recording(Arc::clone(&pending)).scope(|| Snapshot::new(loaded.config, keys));
+        let snapshot =
+            Recording(Arc::clone(&pending)).scope(|| Snapshot::new(loaded.config, keys, Arc::clone(&pending)));
         let shared = Arc::new(Shared::new(path, snapshot, pending));
         let background = if run {
             let bg = Background::start(Arc::clone(&shared), fresh, text)
@@ -237,7 +252,7 @@ impl Filter {
             }
             plan(&snapshot, &input, &decision)
         };
-        apply(plan, started, stream)
+        apply(plan, &snapshot.counts, started, stream)
     }
 
     /// Run `task` on the background thread; false when there is none (`envoy --mode validate`).
@@ -265,7 +280,7 @@ impl Filter {
             let decision = evaluate(&snapshot, &input);
             plan(&snapshot, &input, &decision)
         };
-        apply(plan, started, stream)
+        apply(plan, &snapshot.counts, started, stream)
     }
 }
 
@@ -295,8 +310,8 @@ fn unix_now() -> i64 {
 pub fn text_headers<'s>(raw: &[(&'s [u8], &'s [u8])]) -> Vec<(Cow<'s, str>, Cow<'s, str>)> {
     let mut out: Vec<(Cow<'s, str>, Cow<'s, str>)> = Vec::with_capacity(raw.len());
     for (name, value) in raw {
-        let name = String::from_utf8_lossy(name);
-        let value = String::from_utf8_lossy(value);
+        let name = text(name);
+        let value = text(value);
         match out.iter_mut().find(|(n, _)| *n == name) {
             Some((_, existing)) => {
                 let joined = existing.to_mut();
@@ -307,6 +322,16 @@ pub fn text_headers<'s>(raw: &[(&'s [u8], &'s [u8])]) -> Vec<(Cow<'s, str>, Cow<
         }
     }
     out
+}
+
+/// `bytes` as text: borrowed when valid UTF-8 (checked by `str::from_utf8`, which runs a word at
+/// a time over ASCII, several times faster on a header than `from_utf8_lossy`'s
+/// chunking), else with each invalid sequence replaced by U+FFFD.
+fn text(bytes: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(valid) => Cow::Borrowed(valid),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 fn input<'a>(pairs: &'a [(&'a str, &'a str)], route_hint: Option<&'a str>) -> CheckInput<'a> {
@@ -325,13 +350,16 @@ fn input<'a>(pairs: &'a [(&'a str, &'a str)], route_hint: Option<&'a str>) -> Ch
 /// borrowed and carried out ([`apply`]) after: it holds nothing of the request.
 struct Plan<'p> {
     response: authz::Response<'p>,
-    counted: (&'p str, &'static str, &'static str),
+    counted: (&'p str, Verdict, Reason),
     action: Action<'p>,
 }
 
 enum Action<'p> {
     /// Let the request through with its headers adjusted.
     Pass {
+        /// Which of the response's upstream headers the request carries already (those are
+        /// overwritten, the others added).
+        carried: Vec<bool>,
         /// Claim-header spellings to remove that the request carries (removing a header the
         /// request does not carry is a no-op: the call is skipped).
         remove: Vec<&'p str>,
@@ -358,10 +386,20 @@ fn plan<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>, decision: &Decision<
                 .copied()
                 .filter(|n| input.headers.contains(n))
                 .collect();
+            let carried = response
+                .upstream_headers
+                .iter()
+                .map(|(name, _)| input.headers.contains(name))
+                .collect();
             let token = authz::token::removal(&policy.token, input);
             let path = (!token.query_parameters.is_empty())
                 .then(|| without_query_parameters(input.path, &token.query_parameters));
-            Action::Pass { remove, token, path }
+            Action::Pass {
+                carried,
+                remove,
+                token,
+                path,
+            }
         }
         Verdict::Deny | Verdict::Error => Action::Reply {
             details: format!("audgate_{}", decision.reason.code()),
@@ -369,14 +407,14 @@ fn plan<'p>(snapshot: &'p Snapshot, input: &CheckInput<'_>, decision: &Decision<
     };
     Plan {
         response,
-        counted: (decision.route_name(), decision.verdict.label(), decision.reason.code()),
+        counted: (decision.route_name(), decision.verdict, decision.reason),
         action,
     }
 }
 
-/// Carry out a [`Plan`]: metadata, the count, then the request's headers (allow) or a local
-/// reply (deny, error). `started`: when the check began.
-fn apply(plan: Plan<'_>, started: Instant, stream: &mut dyn Stream) -> Step {
+/// Carry out a [`Plan`]: metadata, the count (into `counts`), then the request's headers
+/// (allow) or a local reply (deny, error). `started`: when the check began.
+fn apply(plan: Plan<'_>, counts: &CheckCounts, started: Instant, stream: &mut dyn Stream) -> Step {
     let Plan {
         response,
         counted,
@@ -400,11 +438,21 @@ fn apply(plan: Plan<'_>, started: Instant, stream: &mut dyn Stream) -> Step {
     };
     stream.set_metadata(&entries[..n]);
     let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    stream.record_check(counted.0, counted.1, counted.2, micros);
+    counts.count(counted.0, counted.1, counted.2);
+    stream.record_duration(micros);
     match action {
-        Action::Pass { remove, token, path } => {
-            for (name, value) in &response.upstream_headers {
-                stream.set_request_header(name, value);
+        Action::Pass {
+            carried,
+            remove,
+            token,
+            path,
+        } => {
+            for ((name, value), carried) in response.upstream_headers.iter().zip(carried) {
+                if carried {
+                    stream.set_request_header(name, value);
+                } else {
+                    stream.add_request_header(name, value);
+                }
             }
             for name in remove {
                 stream.remove_request_header(name);
@@ -489,10 +537,11 @@ mod tests {
         headers: Vec<(Vec<u8>, Vec<u8>)>,
         route: Option<String>,
         set: Vec<(String, String)>,
+        added: Vec<(String, String)>,
         removed: Vec<String>,
         replies: Vec<Reply>,
         metadata: HashMap<String, String>,
-        counts: Vec<[String; 3]>,
+        durations: Vec<u64>,
     }
 
     impl Stream for Fake {
@@ -504,6 +553,9 @@ mod tests {
         }
         fn set_request_header(&mut self, name: &str, value: &str) {
             self.set.push((name.into(), value.into()));
+        }
+        fn add_request_header(&mut self, name: &str, value: &str) {
+            self.added.push((name.into(), value.into()));
         }
         fn remove_request_header(&mut self, name: &str) {
             self.removed.push(name.into());
@@ -517,9 +569,15 @@ mod tests {
                 self.metadata.insert((*key).into(), (*value).into());
             }
         }
-        fn record_check(&mut self, route: &str, decision: &str, reason: &str, _micros: u64) {
-            self.counts.push([route.into(), decision.into(), reason.into()]);
+        fn record_duration(&mut self, micros: u64) {
+            self.durations.push(micros);
         }
+    }
+
+    /// The decisions counted since the last call, as the background thread hands them on.
+    fn counted(cfg: &FilterConfig) -> Vec<(String, &'static str, &'static str, u64)> {
+        cfg.shared.current().counts.drain();
+        cfg.shared.pending.take().checks
     }
 
     fn config(body: &str) -> (tempfile_free::Dir, FilterConfig) {
@@ -602,10 +660,8 @@ routes:
         assert_eq!(stream.metadata["route"], "public");
         assert_eq!(stream.metadata["reason"], "anonymous");
         assert!(!stream.metadata.contains_key("tenant"), "no tenant, no tenant metadata");
-        assert_eq!(
-            stream.counts[0],
-            ["public".to_owned(), "allow".into(), "anonymous".into()]
-        );
+        assert_eq!(counted(&cfg), [("public".to_owned(), "allow", "anonymous", 1)]);
+        assert_eq!(stream.durations.len(), 1);
     }
 
     #[test]
@@ -712,10 +768,22 @@ routes:
             1,
             "the verified token was not remembered"
         );
+        // a claim header the request does not carry is added ...
+        let subject = [("x-auth-subject".to_owned(), "alice".to_owned())];
+        assert_eq!(stream.added, subject);
+        assert!(stream.set.is_empty(), "{:?}", stream.set);
+        // ... one it carries (a client's own copy) is overwritten
+        let bearer = format!("Bearer {token}");
+        let mut spoofed = request(
+            "/orders/1",
+            &[("authorization", &bearer), ("x-auth-subject", "mallory")],
+        );
         assert!(matches!(
-            Filter::new(&cfg).on_request_headers(&mut stream),
+            Filter::new(&cfg).on_request_headers(&mut spoofed),
             Step::Continue
         ));
+        assert_eq!(spoofed.set, subject);
+        assert!(spoofed.added.is_empty(), "{:?}", spoofed.added);
     }
 
     #[test]
@@ -828,7 +896,8 @@ routes:
                 }
                 Step::WaitForKeys(_) => panic!("waited twice"),
             }
-            assert_eq!(stream.counts.len(), 1);
+            assert_eq!(stream.durations.len(), 1);
+            assert_eq!(counted(&cfg).iter().map(|c| c.3).sum::<u64>(), 1);
         }
     }
 

@@ -23,6 +23,9 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Every verdict, in declaration order (`verdict as usize` indexes it).
+    pub const ALL: [Verdict; 4] = [Verdict::Allow, Verdict::Deny, Verdict::DryRunDeny, Verdict::Error];
+
     pub const fn label(self) -> &'static str {
         match self {
             Verdict::Allow => "allow",
@@ -193,8 +196,15 @@ pub struct Metadata<'p> {
 
 /// Build the answer for a decision.
 pub fn respond<'p>(policy: &'p Policy, d: &Decision<'p>) -> Response<'p> {
-    // control characters never leave audgate, in metadata as in headers
-    let clean = |s: &str| s.chars().filter(|c| !c.is_control()).collect::<String>();
+    // control characters never leave audgate, in metadata as in headers (printable ASCII, the
+    // usual case, is copied as it is)
+    let clean = |s: &str| {
+        if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            s.to_owned()
+        } else {
+            s.chars().filter(|c| !c.is_control()).collect::<String>()
+        }
+    };
     let metadata = Metadata {
         route: d.route_name(),
         reason: d.reason.code(),
@@ -317,7 +327,18 @@ fn render(v: &Value) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::ClaimHeader;
+    use super::{ClaimHeader, Reason, Verdict};
+
+    /// Adapters index tables by `verdict as usize` and `reason as usize`.
+    #[test]
+    fn the_all_lists_are_in_discriminant_order() {
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i);
+        }
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
 
     #[test]
     fn every_underscore_spelling_of_a_claim_header() {
