@@ -8,7 +8,9 @@
 #   module             audgate in process (libaudgate_envoy.so, release build), the same config
 # Throughput with wrk -c32, then p50 latency with wrk -c1, --rounds rounds; prints the medians,
 # the ratios of this run and the 4 targets. Envoy and audgate on CPU $BENCH_SERVER_CPU
-# (0), wrk on CPU $BENCH_LOAD_CPU (1). Results in target/bench/ (summary.txt, results.txt).
+# (0), wrk on CPU $BENCH_LOAD_CPU (1). With --instructions, also Envoy's instructions per request
+# under callgrind for noauth, jwt_authn-cache and module (the count other load cannot move).
+# Results in target/bench/ (summary.txt, results.txt).
 #
 # usage: scripts/bench-module.sh [--rounds N] [--duration S] [--no-build] [other bench.sh flags]
 set -euo pipefail

@@ -11,7 +11,8 @@
 #      then p50 latency at 1 connection for no auth, jwt_authn + cache, ext_authz -> audgate
 #      and the module (issue 13's targets)
 #   4. memory: audgate's RSS idle and under load with 100,000 distinct tokens
-#   5. with --instructions: instructions per check under callgrind, floor vs audgate
+#   5. with --instructions: instructions per check under callgrind, floor vs audgate, and
+#      Envoy's per request with no auth, jwt_authn + cache and the module
 #      (scripts/bench-instructions.sh): the measure that other load on the machine cannot move
 # and prints one table of medians over --rounds rounds, as ratios against the baselines of the
 # same run. Variants take turns within each round, so machine noise spreads over all of them.
@@ -547,5 +548,8 @@ table "$RESULTS" | tee "$OUT/summary.txt"
 if [ "$INSTRUCTIONS" = 1 ]; then
   echo "== instructions per check (callgrind)" >&2
   echo | tee -a "$OUT/summary.txt"
-  scripts/bench-instructions.sh --no-build | tee -a "$OUT/summary.txt"
+  INSTR_ARGS=(--no-build)
+  [ "$GRPC" = 1 ] || INSTR_ARGS+=(--skip-grpc)
+  [ "$ENVOY" = 1 ] && INSTR_ARGS+=(--envoy "$ENVOY_BIN")
+  scripts/bench-instructions.sh "${INSTR_ARGS[@]}" | tee -a "$OUT/summary.txt"
 fi
