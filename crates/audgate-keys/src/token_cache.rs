@@ -97,9 +97,13 @@ impl TokenCache {
 /// A compact JWS's key (the keyed hash of its header and signature segments) and its payload
 /// segment; `None` when it is not three segments.
 fn split<'t>(hash_key: &[u8; 16], token: &'t str) -> Option<(Key, &'t str)> {
-    let (header, rest) = token.split_once('.')?;
-    let (payload, signature) = rest.split_once('.')?;
-    if signature.contains('.') {
+    // the dots are ASCII, so the byte positions memchr finds are char boundaries
+    let dot = |s: &str| memchr::memchr(b'.', s.as_bytes());
+    let first = dot(token)?;
+    let (header, rest) = (&token[..first], &token[first + 1..]);
+    let second = dot(rest)?;
+    let (payload, signature) = (&rest[..second], &rest[second + 1..]);
+    if dot(signature).is_some() {
         return None;
     }
     let mut hasher = SipHasher13::new_with_key(hash_key);
