@@ -168,9 +168,15 @@ async fn cors_preflight_and_required_claims_over_grpc() {
     let key = TestKey::rsa("rsa-1");
     let stack = Stack::start(&[&key], |issuer| config(issuer, false)).await;
     exercise(&stack, &key, "grpc").await;
-    // the access log carries the decision from the dynamic metadata
-    let logs = stack.envoy.logs();
-    assert!(logs.contains("route=spa reason=cors_preflight"), "{logs}");
+    // the access log carries the decision from the dynamic metadata (Envoy writes the file
+    // about once a second)
+    common::wait_for_log(
+        "Envoy's access log line for the preflight",
+        std::time::Duration::from_secs(10),
+        || stack.envoy.logs(),
+        |logs| logs.contains("route=spa reason=cors_preflight"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,8 +324,14 @@ async fn exercise_tenants(http: bool) {
     assert!(!text.contains("tenant="), "no tenant label: {text}");
     assert!(!text.contains("team-a") && !text.contains("billing"), "{text}");
     if !http {
-        let logs = stack.envoy.logs();
-        assert!(logs.contains("route=any reason=allowed"), "{logs}");
+        // Envoy writes its access log file about once a second
+        common::wait_for_log(
+            "Envoy's access log line for the tenant's allowed request",
+            std::time::Duration::from_secs(10),
+            || stack.envoy.logs(),
+            |logs| logs.contains("route=any reason=allowed"),
+        )
+        .await;
         doctor_checks_listed_tenants(&realms).await;
     }
 }
