@@ -168,13 +168,17 @@ async fn cors_preflight_and_required_claims_over_grpc() {
     let key = TestKey::rsa("rsa-1");
     let stack = Stack::start(&[&key], |issuer| config(issuer, false)).await;
     exercise(&stack, &key, "grpc").await;
-    // the access log carries the decision from the dynamic metadata (Envoy writes the file
-    // about once a second)
+    // the access log carries the decision from the dynamic metadata
+    access_logged(&stack, "route=spa reason=cors_preflight").await;
+}
+
+/// Waits until Envoy's access log holds `line` (Envoy writes the file about once a second).
+async fn access_logged(stack: &Stack, line: &str) {
     common::wait_for_log(
-        "Envoy's access log line for the preflight",
+        &format!("Envoy's access log line `{line}`"),
         std::time::Duration::from_secs(10),
         || stack.envoy.logs(),
-        |logs| logs.contains("route=spa reason=cors_preflight"),
+        |logs| logs.contains(line),
     )
     .await;
 }
@@ -324,14 +328,7 @@ async fn exercise_tenants(http: bool) {
     assert!(!text.contains("tenant="), "no tenant label: {text}");
     assert!(!text.contains("team-a") && !text.contains("billing"), "{text}");
     if !http {
-        // Envoy writes its access log file about once a second
-        common::wait_for_log(
-            "Envoy's access log line for the tenant's allowed request",
-            std::time::Duration::from_secs(10),
-            || stack.envoy.logs(),
-            |logs| logs.contains("route=any reason=allowed"),
-        )
-        .await;
+        access_logged(&stack, "route=any reason=allowed").await;
         doctor_checks_listed_tenants(&realms).await;
     }
 }

@@ -196,13 +196,12 @@ pub struct Metadata<'p> {
 
 /// Build the answer for a decision.
 pub fn respond<'p>(policy: &'p Policy, d: &Decision<'p>) -> Response<'p> {
-    // control characters never leave audgate, in metadata as in headers (printable ASCII, the
-    // usual case, is copied as it is)
+    // control characters never leave audgate, in metadata as in headers
     let clean = |s: &str| {
-        if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-            s.to_owned()
-        } else {
+        if has_control(s) {
             s.chars().filter(|c| !c.is_control()).collect::<String>()
+        } else {
+            s.to_owned()
         }
     };
     let metadata = Metadata {
@@ -308,8 +307,14 @@ fn claim_header_value(
         }
     };
     // A header value with CR, LF, NUL or another control character is never sent upstream.
-    let clean = !text.is_empty() && !text.chars().any(|c| c.is_control());
+    let clean = !text.is_empty() && !has_control(&text);
     clean.then_some(text)
+}
+
+/// Whether `s` holds a control character (C0, DEL or C1). Printable ASCII, the usual case, is
+/// settled a byte at a time without decoding characters.
+fn has_control(s: &str) -> bool {
+    !s.bytes().all(|b| (0x20..0x7f).contains(&b)) && s.chars().any(char::is_control)
 }
 
 /// A claim as a header value: strings as they are, arrays joined with `,`, objects as JSON.
@@ -337,6 +342,17 @@ mod tests {
         }
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
+        }
+    }
+
+    #[test]
+    fn control_characters_are_found_in_ascii_and_beyond() {
+        use super::has_control;
+        for clean in ["", "alice", "a b~", "é ü", "日本"] {
+            assert!(!has_control(clean), "{clean:?}");
+        }
+        for dirty in ["a\r\nb", "\u{0}", "x\u{7f}", "é\u{85}", "\t"] {
+            assert!(has_control(dirty), "{dirty:?}");
         }
     }
 
