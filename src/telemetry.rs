@@ -156,7 +156,7 @@ impl Extractor for RequestHeaders<'_> {
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.names()
+        self.0.names().collect()
     }
 }
 

@@ -129,7 +129,7 @@ impl Core {
             upstream: r
                 .upstream_headers
                 .iter()
-                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .map(|(k, v)| ((*k).to_owned(), v.to_string()))
                 .collect(),
             removed: r.remove_headers.iter().map(|h| (*h).to_owned()).collect(),
         }

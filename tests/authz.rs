@@ -164,7 +164,7 @@ impl Core {
             upstream: resp
                 .upstream_headers
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             removed: configured.iter().map(|h| h.to_string()).collect(),
             client: resp

@@ -115,7 +115,7 @@ impl Core {
             upstream: resp
                 .upstream_headers
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             // the configured names; their `_` spellings are always removed too (tests/authz.rs)
             removed: resp
@@ -494,10 +494,10 @@ routes:
         (
             d.reason,
             d.tenant.clone(),
-            r.metadata.tenant.clone(),
+            r.metadata.tenant.to_string(),
             r.upstream_headers
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<Vec<_>>(),
         )
     };

@@ -109,7 +109,7 @@ fn metadata(w: &mut Writer, m: &Metadata<'_>) {
                     ("reason", m.reason),
                     ("subject", &m.subject),
                     ("client_id", &m.client_id),
-                    ("issuer", &m.issuer),
+                    ("issuer", m.issuer),
                     ("tenant", &m.tenant),
                 ] {
                     s.message(field::STRUCT_FIELDS, |entry| {
@@ -221,7 +221,7 @@ mod tests {
             ("reason", string(m.reason)),
             ("subject", string(&m.subject)),
             ("client_id", string(&m.client_id)),
-            ("issuer", string(&m.issuer)),
+            ("issuer", string(m.issuer)),
             ("tenant", string(&m.tenant)),
         ]
         .into_iter()
@@ -283,7 +283,10 @@ mod tests {
     fn response(status: u16, subject: String) -> Response<'static> {
         Response {
             status,
-            upstream_headers: vec![("x-auth-subject", subject.clone()), ("x-auth-issuer", "kc".into())],
+            upstream_headers: vec![
+                ("x-auth-subject", subject.clone().into()),
+                ("x-auth-issuer", "kc".into()),
+            ],
             remove_headers: vec!["x_auth_subject", "x-auth-client-id"],
             client_headers: vec![("www-authenticate", "Bearer error=\"invalid_token\"".into())],
             body: if status == 200 {
@@ -294,10 +297,10 @@ mod tests {
             metadata: Metadata {
                 route: "orders",
                 reason: if status == 200 { "allowed" } else { "expired" },
-                subject,
-                client_id: String::new(),
-                issuer: "kc".into(),
-                tenant: String::new(),
+                subject: subject.into(),
+                client_id: "".into(),
+                issuer: "kc",
+                tenant: "".into(),
             },
         }
     }

@@ -336,7 +336,7 @@ fn run_case(policy: &Policy, case: &Prepared, keys: &Arc<crate::jwks::KeySet>, n
             .upstream_headers
             .iter()
             .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str());
+            .map(|(_, v)| v.as_ref());
         if set != want.as_deref() {
             let show = |v: Option<&str>| v.map_or("not set".to_owned(), |v| format!("`{}`", jwt::printable(v)));
             problems.push(format!(

@@ -1,6 +1,8 @@
 //! A decision, and the answer built from it as plain data: status, headers for the upstream,
 //! headers and body for the client, and the metadata Envoy stores for access logs.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 use super::Policy;
@@ -165,13 +167,15 @@ impl ClaimHeader {
     }
 }
 
-/// The answer, independent of gRPC or HTTP.
+/// The answer, independent of gRPC or HTTP. It borrows from the policy and the decision what
+/// it can (a claim's text, the subject), so an adapter that hands the values straight on
+/// copies nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response<'p> {
     /// 200 allow, 401/403 deny, 503 error.
     pub status: u16,
     /// Request headers to set on the upstream request, overwriting any the client sent.
-    pub upstream_headers: Vec<(&'p str, String)>,
+    pub upstream_headers: Vec<(&'p str, Cow<'p, str>)>,
     /// Headers removed so the client cannot supply a claim: every other spelling of the
     /// configured claim headers (`x_auth_subject`), then the configured ones not set above.
     pub remove_headers: Vec<&'p str>,
@@ -187,21 +191,21 @@ pub struct Response<'p> {
 pub struct Metadata<'p> {
     pub route: &'p str,
     pub reason: &'static str,
-    pub subject: String,
-    pub client_id: String,
-    pub issuer: String,
+    pub subject: Cow<'p, str>,
+    pub client_id: Cow<'p, str>,
+    pub issuer: &'p str,
     /// The tenant of a templated issuer; empty otherwise.
-    pub tenant: String,
+    pub tenant: Cow<'p, str>,
 }
 
-/// Build the answer for a decision.
-pub fn respond<'p>(policy: &'p Policy, d: &Decision<'p>) -> Response<'p> {
+/// Build the answer for a decision (borrowing from `policy` and `d`).
+pub fn respond<'p>(policy: &'p Policy, d: &'p Decision<'_>) -> Response<'p> {
     // control characters never leave audgate, in metadata as in headers
-    let clean = |s: &str| {
+    let clean = |s: &'p str| -> Cow<'p, str> {
         if has_control(s) {
-            s.chars().filter(|c| !c.is_control()).collect::<String>()
+            Cow::Owned(s.chars().filter(|c| !c.is_control()).collect())
         } else {
-            s.to_owned()
+            Cow::Borrowed(s)
         }
     };
     let metadata = Metadata {
@@ -209,7 +213,7 @@ pub fn respond<'p>(policy: &'p Policy, d: &Decision<'p>) -> Response<'p> {
         reason: d.reason.code(),
         subject: clean(d.subject().unwrap_or_default()),
         client_id: clean(d.client_id.as_deref().unwrap_or_default()),
-        issuer: d.issuer.map(|i| policy.issuers[i].name.clone()).unwrap_or_default(),
+        issuer: d.issuer.map_or("", |i| policy.issuers[i].name.as_str()),
         tenant: clean(d.tenant.as_deref().unwrap_or_default()),
     };
     match d.verdict {
@@ -271,7 +275,9 @@ fn challenge(reason: Reason, description: &str) -> Option<String> {
 
 /// The claim headers to set, and the configured ones to remove because they have no value.
 /// On a route-rule denial of a dry-run route the token verified, so headers are still set.
-fn claim_headers<'p>(policy: &'p Policy, d: &Decision<'p>) -> (Vec<(&'p str, String)>, Vec<&'p str>) {
+type ClaimHeaders<'p> = (Vec<(&'p str, Cow<'p, str>)>, Vec<&'p str>);
+
+fn claim_headers<'p>(policy: &'p Policy, d: &'p Decision<'_>) -> ClaimHeaders<'p> {
     let mut set = Vec::with_capacity(policy.claim_headers.len());
     let mut remove: Vec<&'p str> = policy.claim_header_spellings.iter().map(String::as_str).collect();
     for h in &policy.claim_headers {
@@ -287,17 +293,17 @@ fn claim_headers<'p>(policy: &'p Policy, d: &Decision<'p>) -> (Vec<(&'p str, Str
     (set, remove)
 }
 
-fn claim_header_value(
+fn claim_header_value<'t>(
     value: &ClaimValue,
-    token: &VerifiedToken,
-    client_id: Option<&str>,
-    tenant: Option<&str>,
-) -> Option<String> {
+    token: &'t VerifiedToken,
+    client_id: Option<&'t str>,
+    tenant: Option<&'t str>,
+) -> Option<Cow<'t, str>> {
     let claims = token.claims();
     let text = match value {
-        ClaimValue::ClientId => client_id?.to_owned(),
-        ClaimValue::Tenant => tenant?.to_owned(),
-        ClaimValue::Payload => claims.payload_b64.clone(),
+        ClaimValue::ClientId => Cow::Borrowed(client_id?),
+        ClaimValue::Tenant => Cow::Borrowed(tenant?),
+        ClaimValue::Payload => Cow::Borrowed(claims.payload_b64.as_str()),
         ClaimValue::Claim(path) => {
             let mut node = claims.payload.get(&path[0])?;
             for key in &path[1..] {
@@ -318,15 +324,17 @@ fn has_control(s: &str) -> bool {
 }
 
 /// A claim as a header value: strings as they are, arrays joined with `,`, objects as JSON.
-fn render(v: &Value) -> Option<String> {
+fn render(v: &Value) -> Option<Cow<'_, str>> {
     match v {
         Value::Null => None,
-        Value::String(s) => Some(s.clone()),
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        // the usual `aud`: one string, nothing to join
+        Value::Array(items) if items.len() == 1 => render(&items[0]),
         Value::Array(items) => {
-            let parts: Vec<String> = items.iter().filter_map(render).collect();
-            Some(parts.join(","))
+            let parts: Vec<Cow<'_, str>> = items.iter().filter_map(render).collect();
+            Some(Cow::Owned(parts.join(",")))
         }
-        other => Some(other.to_string()),
+        other => Some(Cow::Owned(other.to_string())),
     }
 }
 

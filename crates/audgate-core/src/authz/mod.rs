@@ -40,6 +40,10 @@ pub struct Policy {
     pub claim_headers: Vec<ClaimHeader>,
     /// [`ClaimHeader::other_spellings`] of every claim header: removed on every allow.
     pub claim_header_spellings: Vec<String>,
+    /// Bit `n` set when a claim header name (and so each of its spellings) is `n` bytes long
+    /// (bit 63: 63 or more): lets [`Policy::claim_headers_carried`] pass over most names
+    /// without comparing them.
+    claim_header_lengths: u64,
     pub routes: RouteTable,
     /// The `{tenant}` template of each templated issuer, indexed like `issuers`.
     templates: Vec<Option<tenant::TenantTemplate>>,
@@ -57,6 +61,7 @@ impl Policy {
             .iter()
             .flat_map(|h| ClaimHeader::other_spellings(&h.name))
             .collect();
+        let claim_header_lengths = claim_headers.iter().fold(0, |bits, h| bits | length_bit(&h.name));
         let templates = vec![None; issuers.len()];
         Policy {
             issuers,
@@ -64,6 +69,7 @@ impl Policy {
             token,
             claim_headers,
             claim_header_spellings,
+            claim_header_lengths,
             routes,
             templates,
         }
@@ -100,6 +106,47 @@ impl Policy {
     pub fn issuer_by_iss(&self, iss: &str) -> Option<IssuerId> {
         self.by_iss.get(iss).copied()
     }
+
+    /// The claim header names and their other spellings found among a request's header
+    /// `names` (lower-case), as the policy spells them: what an adapter that changes the
+    /// request itself must overwrite or remove. One pass over the request; most names are
+    /// passed over on their length alone.
+    pub fn claim_headers_carried<'n>(&self, names: impl Iterator<Item = &'n str>) -> Vec<&str> {
+        let mut found = Vec::new();
+        for name in names.filter(|n| self.claim_header_lengths & length_bit(n) != 0) {
+            let Some(header) = self.claim_headers.iter().find(|h| same_but_separators(&h.name, name)) else {
+                continue;
+            };
+            let ours = if header.name == name {
+                Some(header.name.as_str())
+            } else {
+                self.claim_header_spellings
+                    .iter()
+                    .map(String::as_str)
+                    .find(|s| *s == name)
+            };
+            if let Some(ours) = ours
+                && !found.contains(&ours)
+            {
+                found.push(ours);
+            }
+        }
+        found
+    }
+}
+
+/// [`Policy::claim_header_lengths`]'s bit for a name.
+fn length_bit(name: &str) -> u64 {
+    1 << name.len().min(63)
+}
+
+/// Whether `a` and `b` are spellings of one name: equal but for `-` and `_`.
+fn same_but_separators(a: &str, b: &str) -> bool {
+    let separator = |c: u8| c == b'-' || c == b'_';
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .all(|(x, y)| x == y || separator(x) && separator(y))
 }
 
 /// What `token.forward: false` takes out of the request `decision` lets through: nothing on a
@@ -317,4 +364,39 @@ fn check_route_issuer(policy: &Policy, route: &Route, id: IssuerId) -> Result<()
             accepted.join(", ")
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_claim_headers_a_request_carries_in_any_spelling() {
+        let policy = Policy::new(
+            vec![],
+            TokenConfig::default(),
+            ClaimHeader::defaults(),
+            RouteTable::new(vec![], DefaultAction::Deny),
+        );
+        let carried = |names: &[&str]| policy.claim_headers_carried(names.iter().copied());
+        let plain = [
+            "user-agent",
+            "accept",
+            ":authority",
+            "x-request-id",
+            "authorization",
+            "x-auth-subjects",
+        ];
+        assert!(carried(&plain).is_empty());
+        assert_eq!(carried(&["accept", "x-auth-subject"]), ["x-auth-subject"]);
+        assert_eq!(
+            carried(&["x_auth_client-id", "x-auth-issuer", "x_auth_client-id"]),
+            ["x_auth_client-id", "x-auth-issuer"],
+            "each once, in request order"
+        );
+        assert!(
+            carried(&["X-Auth-Subject"]).is_empty(),
+            "names are lower-case by contract"
+        );
+    }
 }
