@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use envoy_types::ext_authz::v3::pb::CheckResponse;
 use prost::Message as _;
 use prost::bytes::{Buf as _, BufMut as _, Bytes};
+use tokio::sync::Semaphore;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
@@ -301,10 +302,11 @@ fn run(args: &Args) -> Result<(), Error> {
     let label = args.get("label").unwrap_or("run").to_owned();
     let server_pid = args.get("server-pid").map(str::to_owned);
     let expect_allow = args.get("expect") != Some("any");
-    // Open loop: every worker sends on a fixed schedule, `workers / rate` apart, so the
-    // offered load is fixed below saturation; 0: closed loop. Latency counts from the send,
-    // not from the scheduled time: tokio's timer wakes a worker up to 1 ms late, which would
-    // drown a difference of microseconds.
+    // Open loop: a pacer thread lets one request go every `1 / rate` seconds (to whichever
+    // worker is free), so the offered load is fixed below saturation; 0: closed loop. The pacer
+    // sleeps on the OS timer (tens of microseconds late at most), not on tokio's, whose 1 ms
+    // wheel released the requests of a millisecond together: bursts that queued in the server
+    // and measured the burst, not the check. Latency counts from the send.
     let rate: f64 = args.num("rate", 0.0)?;
     let requests = if tokens.len() <= 20_000 {
         Requests::Encoded(tokens.iter().enumerate().map(|(i, t)| encode(t, i)).collect())
@@ -330,15 +332,14 @@ fn run(args: &Args) -> Result<(), Error> {
         let tally = Arc::new(Tally::default());
         let mut workers = Vec::new();
         let workers_n = connections * depth;
-        let schedule_start = tokio::time::Instant::now();
+        let pacer = (rate > 0.0).then(|| {
+            let permits = Arc::new(Semaphore::new(0));
+            let (permits_, stop_) = (Arc::clone(&permits), Arc::clone(&stop));
+            std::thread::spawn(move || pace(rate, &permits_, &stop_));
+            permits
+        });
         for i in 0..workers_n {
-            let schedule = (rate > 0.0).then(|| {
-                let interval = Duration::from_secs_f64(workers_n as f64 / rate);
-                Schedule {
-                    next: schedule_start + interval.mul_f64(i as f64 / workers_n as f64),
-                    interval,
-                }
-            });
+            let pacer = pacer.clone();
             let channel = channels[i % connections].clone();
             let (requests, next, measuring, stop, tally) = (
                 Arc::clone(&requests),
@@ -355,7 +356,7 @@ fn run(args: &Args) -> Result<(), Error> {
                 stop,
                 tally,
                 expect_allow,
-                schedule,
+                pacer,
             )));
         }
         tokio::time::sleep(warmup).await;
@@ -413,9 +414,19 @@ fn run(args: &Args) -> Result<(), Error> {
 }
 
 /// When an open-loop worker sends its next check, and how far apart its checks are.
-struct Schedule {
-    next: tokio::time::Instant,
-    interval: Duration,
+/// Release one request every `1 / rate` seconds until `stop`, then close `permits` (the
+/// workers waiting on it end).
+fn pace(rate: f64, permits: &Semaphore, stop: &AtomicBool) {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        next += interval;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        permits.add_permits(1);
+    }
+    permits.close();
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -427,16 +438,18 @@ async fn worker(
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
     expect_allow: bool,
-    mut schedule: Option<Schedule>,
+    pacer: Option<Arc<Semaphore>>,
 ) -> Vec<u32> {
     let mut client = tonic::client::Grpc::new(channel);
     let path = PathAndQuery::from_static("/envoy.service.auth.v3.Authorization/Check");
     let mut latencies = Vec::with_capacity(1 << 16);
     while !stop.load(Ordering::Acquire) {
         let body = requests.get(next.fetch_add(1, Ordering::Relaxed));
-        if let Some(s) = &mut schedule {
-            tokio::time::sleep_until(s.next).await;
-            s.next += s.interval;
+        if let Some(pacer) = &pacer {
+            match pacer.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => break, // closed: the run is over
+            }
         }
         let started = Instant::now();
         let counted = measuring.load(Ordering::Acquire);
