@@ -41,6 +41,11 @@ const RESERVED_FILES: u64 = 128;
 /// turns SERVING within milliseconds of `/readyz` (an Envoy health check right after keys load
 /// must not see NOT_SERVING), and at a calmer pace once serving.
 const HEALTH_POLL_NOT_READY: Duration = Duration::from_millis(10);
+/// How often the recorded check durations are folded into the histogram. The fold runs on the
+/// serving thread, ~4 ns a sample (measured: 25,000 samples 52 µs, 225,000 samples 0.8-0.9 ms):
+/// every 5 s at ~45,000 checks/s it held up the checks behind it for nearly a millisecond; a
+/// fifth of a second keeps each fold to ~40 µs at that rate.
+const METRICS_UPKEEP: Duration = Duration::from_millis(200);
 const HEALTH_POLL_READY: Duration = Duration::from_millis(200);
 /// The gRPC service names health is reported for ("" is the whole server).
 const HEALTH_SERVICES: [&str; 2] = ["", "envoy.service.auth.v3.Authorization"];
@@ -210,7 +215,7 @@ pub async fn run(
         let handle = metrics_handle.clone();
         async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                tokio::time::sleep(METRICS_UPKEEP).await;
                 handle.run_upkeep();
             }
         }
