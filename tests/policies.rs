@@ -396,7 +396,6 @@ routes:
         )
     };
     has(3, "must be one whole path segment");
-    has(8, "must be anchored");
     has(11, "exactly one of `tenants` (a list) or `tenant_pattern`");
     has(14, "`tenants` needs `{tenant}` in `issuer`");
     has(19, "does not compile");

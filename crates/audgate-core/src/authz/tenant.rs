@@ -13,7 +13,7 @@ pub const PLACEHOLDER: &str = "{tenant}";
 pub enum TenantSet {
     /// `tenants: [...]`: these, and their keys load at start like an issuer's.
     Listed(Vec<String>),
-    /// `tenant_pattern`: any tenant the (anchored) regex matches; keys load on first use, at
+    /// `tenant_pattern`: any tenant the regex matches as a whole; keys load on first use, at
     /// most `max` tenants at once.
     Pattern { regex: Regex, max: usize },
 }
@@ -110,15 +110,11 @@ pub fn check_tenant_name(tenant: &str) -> Result<(), String> {
     }
 }
 
-/// Compile a `tenant_pattern`: it must be anchored (`^...$`) so that it says exactly which
-/// tenants are accepted, and compile as a regex.
+/// Compile a `tenant_pattern`. It matches the whole tenant, as `path_regex` matches the whole
+/// path (and Envoy's `safe_regex` its whole input): `[a-z]+` accepts `shop`, never `shop!x`.
+/// A pattern already written with `^...$` means the same.
 pub fn compile_pattern(pattern: &str) -> Result<Regex, String> {
-    if !(pattern.starts_with('^') && pattern.ends_with('$') && !pattern.ends_with("\\$")) {
-        return Err(format!(
-            "tenant_pattern `{pattern}` must be anchored: start with ^ and end with $ (like ^[a-z0-9-]{{1,40}}$)"
-        ));
-    }
-    Regex::new(pattern).map_err(|e| {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
         let first = e.to_string().lines().last().unwrap_or_default().trim().to_owned();
         format!("tenant_pattern `{pattern}` does not compile: {first}")
     })
@@ -193,11 +189,16 @@ mod tests {
     }
 
     #[test]
-    fn patterns_must_be_anchored_and_compile() {
-        assert!(compile_pattern("^[a-z]+$").is_ok());
-        for bad in ["[a-z]+", "^[a-z]+", "[a-z]+$", "^[a-z+$", "^a\\$"] {
-            assert!(compile_pattern(bad).is_err(), "{bad}");
+    fn patterns_match_the_whole_tenant() {
+        for pattern in ["^[a-z]+$", "[a-z]+", "^[a-z]+", "[a-z]+$", "shop|billing"] {
+            let re = compile_pattern(pattern).unwrap();
+            assert!(re.is_match("shop"), "{pattern}");
+            for not in ["shop!", "!shop", "shop/x", "SHOP", ""] {
+                assert!(!re.is_match(not), "{pattern} must not match {not:?}");
+            }
         }
+        assert!(!compile_pattern("shop|billing").unwrap().is_match("shopbilling"));
+        assert!(compile_pattern("^[a-z+$").is_err());
         assert_eq!(fill("https://h/realms/{tenant}/x", "shop"), "https://h/realms/shop/x");
         assert!(check_tenant_name("shop").is_ok());
         for bad in ["", "a/b", "..", "a b", "a?b", "%2e%2e"] {

@@ -727,7 +727,7 @@ const MAX_MAX_TENANTS: u64 = 10_000;
 
 /// The `{tenant}` template of each issuer (`None` for a plain one), every misuse an error:
 /// `{tenant}` not exactly one whole path segment, `tenants` and `tenant_pattern` both or
-/// neither, a pattern that is not anchored or does not compile.
+/// neither, a pattern that does not compile.
 fn templates(raw: &RawConfig, d: &mut Diagnostics) -> Vec<Option<TenantTemplate>> {
     let mut out = Vec::new();
     for (name, spanned) in &raw.issuers {
