@@ -87,6 +87,8 @@ fn covers(earlier: &Match, later: &Match) -> bool {
         || (!later.methods.is_empty() && later.methods.iter().all(|m| earlier.methods.contains(m)));
     let path = match (&earlier.path, &later.path) {
         (PathMatch::Any, _) => true,
+        // every path a route sees is normalized and starts with `/`
+        (PathMatch::Prefix(p), PathMatch::Any | PathMatch::Regex(_)) => p.is_empty() || p == "/",
         (PathMatch::Prefix(p), PathMatch::Prefix(q) | PathMatch::Exact(q)) => q.starts_with(p.as_str()),
         (PathMatch::Exact(p), PathMatch::Exact(q)) => p == q,
         (PathMatch::Regex(re), PathMatch::Exact(q)) => re.is_match(q),
@@ -107,6 +109,23 @@ fn host_covers(earlier: &HostPattern, later: &HostPattern) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_root_prefix_covers_any_path() {
+        let m = |path| Match {
+            hosts: Vec::new(),
+            path,
+            methods: Vec::new(),
+        };
+        let root = m(PathMatch::Prefix("/".into()));
+        assert!(covers(&root, &m(PathMatch::Any)));
+        assert!(covers(
+            &root,
+            &m(PathMatch::Regex(regex::Regex::new("^(?:/x)$").unwrap()))
+        ));
+        assert!(!covers(&m(PathMatch::Prefix("/api".into())), &m(PathMatch::Any)));
+        assert!(!covers(&m(PathMatch::Exact("/".into())), &m(PathMatch::Any)));
+    }
 
     #[test]
     fn loopback_urls_are_recognised() {
