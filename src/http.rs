@@ -57,7 +57,7 @@ async fn authorize(Extract(state): Extract<Arc<State>>, request: Request) -> Res
         Err(missing) => {
             let description = format!(
                 "the request to check is unknown: the {} header that http_endpoint.proxy {} sends is missing or repeated",
-                missing,
+                spelled(missing),
                 endpoint.proxy.name()
             );
             let decision = authz::unreadable_request(description);
@@ -145,6 +145,21 @@ impl Original {
                 one("x-forwarded-uri")?,
             )),
         }
+    }
+}
+
+/// A header [`Original::read`] needs, as the proxies' documentation spells it (the name an
+/// operator looks for in the proxy's config).
+fn spelled(name: &str) -> &str {
+    match name {
+        "host" => "Host",
+        "x-original-method" => "X-Original-Method",
+        "x-original-uri" => "X-Original-URI",
+        "x-original-url" => "X-Original-URL",
+        "x-forwarded-method" => "X-Forwarded-Method",
+        "x-forwarded-host" => "X-Forwarded-Host",
+        "x-forwarded-uri" => "X-Forwarded-Uri",
+        other => other,
     }
 }
 

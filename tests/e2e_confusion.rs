@@ -412,7 +412,7 @@ async fn a_proxy_header_that_is_missing_is_a_deny_naming_it() {
         body["error_description"]
             .as_str()
             .unwrap()
-            .contains("x-original-method"),
+            .contains("X-Original-Method"),
         "{body}"
     );
 }
