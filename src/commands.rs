@@ -1,6 +1,7 @@
 //! The one-shot commands behind the CLI (`explain`, `test`, `doctor`): load what they need,
 //! run, print, and return the exit code. `main.rs` only parses arguments.
 
+use std::cell::OnceCell;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,15 +76,15 @@ pub fn explain(options: ExplainOptions) -> u8 {
     let resolved = parsed.as_ref().and_then(|p| policy.resolve_iss(&p.claims.iss));
     let issuer = resolved.map(|(id, _)| id);
     let tenant = resolved.and_then(|(_, t)| t);
-    let keys = match (options.no_verify, issuer) {
-        (false, Some(id)) => match issuer_keys(&config, id, tenant, options.jwks.as_deref()) {
-            Ok(keys) => Some(keys),
-            Err(e) => {
-                eprintln!("{e}");
-                return EXIT_ERROR;
-            }
-        },
-        _ => None,
+    // fetched when first asked for, by the decision or by the explanation of a token's key;
+    // keys that cannot be loaded make the answer keys_unavailable (exit 2) only when the
+    // decision needs them: an anonymous route, no route or an issuer the route does not accept
+    // is answered as it would be with the issuer reachable
+    let fetched: OnceCell<Result<Arc<KeySet>, String>> = OnceCell::new();
+    let keys = |id: IssuerId| {
+        let wanted = issuer.filter(|i| *i == id && !options.no_verify)?;
+        let got = fetched.get_or_init(|| issuer_keys(&config, wanted, tenant, options.jwks.as_deref()));
+        got.as_ref().ok().cloned()
     };
     let signatures = if options.no_verify {
         Signatures::Skip
@@ -91,13 +92,11 @@ pub fn explain(options: ExplainOptions) -> u8 {
         Signatures::Verify
     };
     let now = options.at.unwrap_or_else(crate::check::unix_now);
-    let e = explain::explain(
-        policy,
-        &options.request,
-        |id| keys.clone().filter(|_| Some(id) == issuer),
-        signatures,
-        now,
-    );
+    let e = explain::explain(policy, &options.request, keys, signatures, now);
+    if let (Some(Err(why)), EXIT_ERROR) = (fetched.get(), e.exit_code()) {
+        // the decision needed the keys (keys_unavailable): say why they are missing
+        eprintln!("{why}");
+    }
     let text = match options.format {
         Format::Text => explain::render_text(&e),
         Format::Json => serde_json::to_string_pretty(&e).unwrap_or_default() + "\n",

@@ -1,4 +1,5 @@
-//! `audgate explain --server`: a running instance explains with its own config and cached keys,
+//! `audgate explain`: from the config file, keys fetched only when the decision needs them; with
+//! `--server`, a running instance explains with its own config and cached keys,
 //! over `audgate.v1.Admin/Explain` on the admin listener, only when the config enables it.
 
 mod common;
@@ -106,4 +107,46 @@ async fn explain_is_off_unless_enabled_and_never_on_the_ext_authz_port() {
         "x",
     ]);
     assert_eq!(code, 2, "the ext_authz port never serves Explain: {err}");
+}
+
+/// From the config file, `explain` fetches the token issuer's keys only when the decision needs
+/// them: with the issuer unreachable, a request decided without keys still gets its answer
+/// (anonymous route: 0; no route or an issuer the route does not accept: 3), and one that
+/// needs them is exit 2 naming the keys.
+#[test]
+fn explain_from_the_file_needs_keys_only_when_the_decision_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audgate.yaml");
+    // nothing listens on port 1: the discovery document cannot be fetched
+    let issuer = "http://127.0.0.1:1/realms/shop";
+    std::fs::write(
+        &path,
+        format!(
+            "issuers:\n  kc: {{ issuer: {issuer}, discovery: true }}\n  other: {{ issuer: https://other.example.com, jwks_file: /dev/null }}\n\
+             routes:\n  - name: health\n    match: {{ path_prefix: /healthz }}\n    allow_anonymous: true\n\
+             \x20 - name: billing\n    match: {{ path_prefix: /billing }}\n    issuers: [other]\n    client_ids: [billing]\n\
+             \x20 - name: orders\n    match: {{ path_prefix: /api/orders }}\n    client_ids: [orders-api]\n"
+        ),
+    )
+    .unwrap();
+    let token = TestKey::rsa("k1").mint(merge(keycloak_claims(issuer, "web"), json!({"aud": "orders-api"})));
+    let config = path.to_str().unwrap();
+    let run = |request: &[&str]| {
+        let mut args = vec!["--config", config, "--host", "shop", "--token", &token];
+        args.extend_from_slice(request);
+        explain(&args)
+    };
+
+    let (code, out, err) = run(&["--path", "/healthz"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("(anonymous)"), "{out}");
+    let (code, out, err) = run(&["--path", "/nowhere"]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(out.contains("no_route"), "{out}");
+    let (code, out, err) = run(&["--path", "/billing/1"]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(out.contains("unknown_issuer"), "{out}");
+    let (code, out, err) = run(&["--path", "/api/orders/1"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("the keys of issuer kc cannot be loaded"), "{err}");
 }
