@@ -77,9 +77,9 @@ pub fn explain(options: ExplainOptions) -> u8 {
     let issuer = resolved.map(|(id, _)| id);
     let tenant = resolved.and_then(|(_, t)| t);
     // fetched when first asked for, by the decision or by the explanation of a token's key;
-    // keys that cannot be loaded make the answer keys_unavailable (exit 2) only when the
-    // decision needs them: an anonymous route, no route or an issuer the route does not accept
-    // is answered as it would be with the issuer reachable
+    // keys that cannot be loaded are exit 2 (the error on stderr, nothing on stdout) only when
+    // the decision needs them: an anonymous route, no route or an issuer the route does not
+    // accept is answered as it would be with the issuer reachable
     let fetched: OnceCell<Result<Arc<KeySet>, String>> = OnceCell::new();
     let keys = |id: IssuerId| {
         let wanted = issuer.filter(|i| *i == id && !options.no_verify)?;
@@ -94,8 +94,9 @@ pub fn explain(options: ExplainOptions) -> u8 {
     let now = options.at.unwrap_or_else(crate::check::unix_now);
     let e = explain::explain(policy, &options.request, keys, signatures, now);
     if let (Some(Err(why)), EXIT_ERROR) = (fetched.get(), e.exit_code()) {
-        // the decision needed the keys (keys_unavailable): say why they are missing
+        // the decision needed the keys (keys_unavailable): the error, not an explanation
         eprintln!("{why}");
+        return EXIT_ERROR;
     }
     let text = match options.format {
         Format::Text => explain::render_text(&e),

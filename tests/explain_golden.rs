@@ -174,9 +174,10 @@ fn cases(k: &Keys) -> Vec<Case> {
         case("dry_run_allowed", 0, REPORTS, orders(json!({"aud": "reports-api"}))),
         case("no_verify", 0, "--host partner.example.com --path /v1/feed --no-verify", legacy()),
         case("no_verify_deny", 3, "--host orders.example.com --path /api/orders/42 --no-verify", Some(k.stranger.mint(merge(good(), json!({"aud": "account"}))))),
-        // explain loads the token's issuer's keys before deciding: when the config's source
-        // cannot be loaded it exits 2 with the error on stderr and nothing on stdout (also with
-        // --format json); the keys_unavailable reason itself never reaches explain's output.
+        // explain loads the token's issuer's keys when the decision needs them: when the
+        // config's source cannot be loaded it exits 2 with the error on stderr and nothing on
+        // stdout (also with --format json); the keys_unavailable reason itself never reaches
+        // explain's output (tests/explain_remote.rs: decisions that need no keys).
         case("keys_unavailable", 2, FEED, legacy()),
         case("jwks_file", 0, "--host partner.example.com --path /v1/feed --jwks <TMP>/legacy.json", legacy()),
         case("jwks_file_missing", 2, "--host partner.example.com --path /v1/feed --jwks <TMP>/nope.json", legacy()),
