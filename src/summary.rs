@@ -37,10 +37,9 @@ pub fn render(path: &Path, loaded: &Loaded) -> String {
         if let Some(t) = p.template(id) {
             let _ = match &t.tenants {
                 crate::authz::tenant::TenantSet::Listed(list) => writeln!(out, "      tenants {}", list.join(", ")),
-                crate::authz::tenant::TenantSet::Pattern { regex, max } => writeln!(
+                crate::authz::tenant::TenantSet::Pattern { pattern, max, .. } => writeln!(
                     out,
-                    "      tenants matching {} (keys on first use, at most {max} at once)",
-                    regex.as_str()
+                    "      tenants matching {pattern} (keys on first use, at most {max} at once)"
                 ),
             };
         }

@@ -218,7 +218,7 @@ impl Drop for TenantKeys {
 fn spec(set: &TenantSet) -> String {
     match set {
         TenantSet::Listed(list) => format!("listed {}", list.join(",")),
-        TenantSet::Pattern { regex, max } => format!("pattern {} max {max}", regex.as_str()),
+        TenantSet::Pattern { pattern, max, .. } => format!("pattern {pattern} max {max}"),
     }
 }
 
@@ -227,7 +227,6 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::authz::tenant::compile_pattern;
 
     const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k","use":"sig","x":"MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4","y":"4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM"}]}"#;
 
@@ -238,10 +237,7 @@ mod tests {
             min_refresh_interval: Duration::from_secs(30),
             ca_file: None,
         };
-        let set = TenantSet::Pattern {
-            regex: compile_pattern("^[a-z0-9-]+$").unwrap(),
-            max,
-        };
+        let set = TenantSet::pattern("^[a-z0-9-]+$", max).unwrap();
         TenantKeys::new("teams", &template, &set).unwrap().0
     }
 

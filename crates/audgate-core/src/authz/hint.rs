@@ -126,7 +126,7 @@ fn tenant_hint(policy: &Policy, route: Option<&Route>, claims: &Claims) -> Optio
         let tenant = claims.iss.strip_prefix(before)?.strip_suffix(after)?;
         let accepted = match &template.tenants {
             super::tenant::TenantSet::Listed(list) => format!("its `tenants` [{}]", list.join(", ")),
-            super::tenant::TenantSet::Pattern { regex, .. } => format!("its `tenant_pattern` {}", regex.as_str()),
+            super::tenant::TenantSet::Pattern { pattern, .. } => format!("its `tenant_pattern` {pattern}"),
         };
         Some(vec![format!(
             "`{}` has the shape of issuer {} (`{}`), but tenant `{}` is not one of {accepted}: add the tenant there, or get a token from an accepted tenant",

@@ -15,7 +15,12 @@ pub enum TenantSet {
     Listed(Vec<String>),
     /// `tenant_pattern`: any tenant the regex matches as a whole; keys load on first use, at
     /// most `max` tenants at once.
-    Pattern { regex: Regex, max: usize },
+    Pattern {
+        regex: Regex,
+        /// As written in the config (what `check-config` shows).
+        pattern: String,
+        max: usize,
+    },
 }
 
 impl TenantSet {
@@ -110,6 +115,17 @@ pub fn check_tenant_name(tenant: &str) -> Result<(), String> {
     }
 }
 
+impl TenantSet {
+    /// `tenant_pattern` (see [`compile_pattern`]) with `max_tenants`.
+    pub fn pattern(pattern: &str, max: usize) -> Result<TenantSet, String> {
+        Ok(TenantSet::Pattern {
+            regex: compile_pattern(pattern)?,
+            pattern: pattern.to_owned(),
+            max,
+        })
+    }
+}
+
 /// Compile a `tenant_pattern`. It matches the whole tenant, as `path_regex` matches the whole
 /// path (and Envoy's `safe_regex` its whole input): `[a-z]+` accepts `shop`, never `shop!x`.
 /// A pattern already written with `^...$` means the same.
@@ -162,10 +178,7 @@ mod tests {
         assert_eq!(t.tenant_of("https://evil.example.com/realms/shop"), None);
         let p = TenantTemplate::new(
             ["https://sso.example.com/realms/{tenant}"],
-            TenantSet::Pattern {
-                regex: compile_pattern("^[a-z0-9-]{1,40}$").unwrap(),
-                max: 10,
-            },
+            TenantSet::pattern("^[a-z0-9-]{1,40}$", 10).unwrap(),
         );
         assert_eq!(p.tenant_of("https://sso.example.com/realms/team-7"), Some("team-7"));
         assert_eq!(p.tenant_of("https://sso.example.com/realms/Team"), None);
@@ -173,10 +186,7 @@ mod tests {
         // a pattern that accepts anything still never yields a dot segment or an escape
         let any = TenantTemplate::new(
             ["https://sso.example.com/realms/{tenant}"],
-            TenantSet::Pattern {
-                regex: compile_pattern("^.+$").unwrap(),
-                max: 10,
-            },
+            TenantSet::pattern("^.+$", 10).unwrap(),
         );
         for bad in ["..", ".", "%2e%2e", "a%2Fb", "a b", "a?b", "a#b"] {
             assert_eq!(

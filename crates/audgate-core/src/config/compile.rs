@@ -799,12 +799,11 @@ fn templates(raw: &RawConfig, d: &mut Diagnostics) -> Vec<Option<TenantTemplate>
                 }
                 TenantSet::Listed(names)
             }
-            (None, Some(p)) => match tenant::compile_pattern(&p.value) {
-                Ok(regex) => TenantSet::Pattern {
-                    regex,
-                    max: usize::try_from(i.max_tenants.as_ref().map_or(DEFAULT_MAX_TENANTS, |m| m.value))
-                        .unwrap_or(usize::MAX),
-                },
+            (None, Some(p)) => match TenantSet::pattern(
+                &p.value,
+                usize::try_from(i.max_tenants.as_ref().map_or(DEFAULT_MAX_TENANTS, |m| m.value)).unwrap_or(usize::MAX),
+            ) {
+                Ok(set) => set,
                 Err(e) => {
                     d.error(p, format!("{what}: {e}"));
                     TenantSet::Listed(Vec::new())
