@@ -24,6 +24,15 @@ pub enum TenantSet {
 }
 
 impl TenantSet {
+    /// `tenant_pattern` (see [`compile_pattern`]) with `max_tenants`.
+    pub fn pattern(pattern: &str, max: usize) -> Result<TenantSet, String> {
+        Ok(TenantSet::Pattern {
+            regex: compile_pattern(pattern)?,
+            pattern: pattern.to_owned(),
+            max,
+        })
+    }
+
     pub fn accepts(&self, tenant: &str) -> bool {
         match self {
             TenantSet::Listed(list) => list.iter().any(|t| t == tenant),
@@ -112,17 +121,6 @@ pub fn check_tenant_name(tenant: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("`{tenant}` is not a tenant name (one URL path segment)"))
-    }
-}
-
-impl TenantSet {
-    /// `tenant_pattern` (see [`compile_pattern`]) with `max_tenants`.
-    pub fn pattern(pattern: &str, max: usize) -> Result<TenantSet, String> {
-        Ok(TenantSet::Pattern {
-            regex: compile_pattern(pattern)?,
-            pattern: pattern.to_owned(),
-            max,
-        })
     }
 }
 
