@@ -57,7 +57,7 @@ async fn authorize(Extract(state): Extract<Arc<State>>, request: Request) -> Res
         Err(missing) => {
             let description = format!(
                 "the request to check is unknown: the {} header that http_endpoint.proxy {} sends is missing or repeated",
-                spelled(missing),
+                missing,
                 endpoint.proxy.name()
             );
             let decision = authz::unreadable_request(description);
@@ -100,7 +100,9 @@ struct Original {
 
 impl Original {
     /// The request `proxy` describes, from its headers only; `Err` names a header the
-    /// convention needs that is missing, empty or sent more than once.
+    /// convention needs that is missing, empty or sent more than once, spelled as the proxies'
+    /// docs spell it (`X-Original-URI`: what an operator looks for in their config; header
+    /// lookup ignores case).
     fn read(
         proxy: Proxy,
         method: &str,
@@ -125,41 +127,26 @@ impl Original {
                 // HTTP/2 (and an absolute-form HTTP/1 target) carry the host in the URI
                 let host = match uri.authority() {
                     Some(authority) => authority.as_str(),
-                    None => one("host")?,
+                    None => one("Host")?,
                 };
                 let own_path = uri.path_and_query().map_or("/", |p| p.as_str());
                 Ok(original(method, host, &strip_prefix(own_path, prefix)))
             }
             Proxy::Nginx => Ok(original(
-                one("x-original-method")?,
-                one("host")?,
-                one("x-original-uri")?,
+                one("X-Original-Method")?,
+                one("Host")?,
+                one("X-Original-URI")?,
             )),
             Proxy::IngressNginx => {
-                let (host, path) = split_url(one("x-original-url")?).ok_or("x-original-url")?;
-                Ok(original(one("x-original-method")?, host, path))
+                let (host, path) = split_url(one("X-Original-URL")?).ok_or("X-Original-URL")?;
+                Ok(original(one("X-Original-Method")?, host, path))
             }
             Proxy::Traefik => Ok(original(
-                one("x-forwarded-method")?,
-                one("x-forwarded-host")?,
-                one("x-forwarded-uri")?,
+                one("X-Forwarded-Method")?,
+                one("X-Forwarded-Host")?,
+                one("X-Forwarded-Uri")?,
             )),
         }
-    }
-}
-
-/// A header [`Original::read`] needs, as the proxies' documentation spells it (the name an
-/// operator looks for in the proxy's config).
-fn spelled(name: &str) -> &str {
-    match name {
-        "host" => "Host",
-        "x-original-method" => "X-Original-Method",
-        "x-original-uri" => "X-Original-URI",
-        "x-original-url" => "X-Original-URL",
-        "x-forwarded-method" => "X-Forwarded-Method",
-        "x-forwarded-host" => "X-Forwarded-Host",
-        "x-forwarded-uri" => "X-Forwarded-Uri",
-        other => other,
     }
 }
 
@@ -312,7 +299,7 @@ mod tests {
             o("GET", "admin.example.com", "/x"),
             "the authority wins over Host"
         );
-        assert_eq!(read(Proxy::Envoy, "GET", "/x", &[], ""), Err("host"));
+        assert_eq!(read(Proxy::Envoy, "GET", "/x", &[], ""), Err("Host"));
     }
 
     #[test]
@@ -349,7 +336,7 @@ mod tests {
                 &[("host", "s"), ("x-original-uri", "/a")],
                 ""
             ),
-            Err("x-original-method")
+            Err("X-Original-Method")
         );
         assert_eq!(
             read(
@@ -359,7 +346,7 @@ mod tests {
                 &[("host", "s"), ("x-original-method", "GET")],
                 ""
             ),
-            Err("x-original-uri"),
+            Err("X-Original-URI"),
             "X-Original-URL does not stand in for X-Original-URI"
         );
     }
@@ -372,7 +359,7 @@ mod tests {
             ("x-original-uri", "/strict"),
             ("x-original-uri", "/public"),
         ];
-        assert_eq!(read(Proxy::Nginx, "GET", "/auth", &h, ""), Err("x-original-uri"));
+        assert_eq!(read(Proxy::Nginx, "GET", "/auth", &h, ""), Err("X-Original-URI"));
     }
 
     #[test]
@@ -389,7 +376,7 @@ mod tests {
             o("PUT", "shop.example.com:8443", "/api/x?y")
         );
         let h = [("x-original-method", "GET"), ("x-original-url", "/relative")];
-        assert_eq!(read(Proxy::IngressNginx, "GET", "/auth", &h, ""), Err("x-original-url"));
+        assert_eq!(read(Proxy::IngressNginx, "GET", "/auth", &h, ""), Err("X-Original-URL"));
         let h = [
             ("x-original-method", "GET"),
             ("x-original-url", "https://shop.example.com"),
@@ -416,7 +403,7 @@ mod tests {
         );
         assert_eq!(
             read(Proxy::Traefik, "GET", "/auth", &h[..3], ""),
-            Err("x-forwarded-uri")
+            Err("X-Forwarded-Uri")
         );
     }
 }

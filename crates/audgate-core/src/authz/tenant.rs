@@ -24,7 +24,7 @@ pub enum TenantSet {
 }
 
 impl TenantSet {
-    /// `tenant_pattern` (see [`compile_pattern`]) with `max_tenants`.
+    /// `tenant_pattern` (compiled to match the whole tenant) with `max_tenants`.
     pub fn pattern(pattern: &str, max: usize) -> Result<TenantSet, String> {
         Ok(TenantSet::Pattern {
             regex: compile_pattern(pattern)?,
@@ -127,7 +127,7 @@ pub fn check_tenant_name(tenant: &str) -> Result<(), String> {
 /// Compile a `tenant_pattern`. It matches the whole tenant, as `path_regex` matches the whole
 /// path (and Envoy's `safe_regex` its whole input): `[a-z]+` accepts `shop`, never `shop!x`.
 /// A pattern already written with `^...$` means the same.
-pub fn compile_pattern(pattern: &str) -> Result<Regex, String> {
+fn compile_pattern(pattern: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
         let first = e.to_string().lines().last().unwrap_or_default().trim().to_owned();
         format!("tenant_pattern `{pattern}` does not compile: {first}")
